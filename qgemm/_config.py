@@ -1,0 +1,173 @@
+"""Run-time configuration: threads, instruction-set path, fastmath policy, on-disk cache.
+
+Everything here is read once at import and can be changed at run time through the
+functions below.  Environment variables:
+
+``QGEMM_NUM_THREADS``
+    Default thread count (otherwise all cores Numba sees).
+``QGEMM_ISA``
+    Force an instruction-set path: ``portable``, ``avx2`` or ``avx512vnni``.  Only paths the
+    host supports can be chosen; asking for more than the CPU has raises at import.
+    (The analogue of FBGEMM's ``FBGEMM_ENABLE_INSTRUCTIONS``.)
+``QGEMM_CACHE_DIR``
+    Directory of Numba's on-disk kernel cache (``NUMBA_CACHE_DIR`` is honoured too).
+``QGEMM_FASTMATH``
+    ``0`` turns off the relaxed floating-point flags used by float reductions.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import numba
+
+# The on-disk cache location must be settled before any ``cache=True`` kernel is defined.
+_cache_dir_env = os.environ.get("QGEMM_CACHE_DIR")
+if _cache_dir_env:
+    os.makedirs(_cache_dir_env, exist_ok=True)
+    numba.config.CACHE_DIR = _cache_dir_env
+
+ISA_PATHS = ("portable", "avx2", "avx512vnni")
+"""Instruction-set paths, from the most portable to the most specialised."""
+
+
+@lru_cache(maxsize=1)
+def cpu_features() -> dict[str, bool]:
+    """Host CPU features as llvmlite reports them (``{"avx2": True, ...}``)."""
+    import llvmlite.binding as llvm
+
+    try:
+        feats = llvm.get_host_cpu_features()
+    except RuntimeError:  # pragma: no cover - llvmlite cannot read features on some hosts
+        return {}
+    return {str(k): bool(v) for k, v in feats.items()}
+
+
+@lru_cache(maxsize=1)
+def cpu_name() -> str:
+    import llvmlite.binding as llvm
+
+    return str(llvm.get_host_cpu_name())
+
+
+def supported_isas() -> tuple[str, ...]:
+    """The ISA paths this host can run, most portable first."""
+    import platform
+
+    feats = cpu_features()
+    out = ["portable"]
+    if platform.machine().lower() in ("x86_64", "amd64") and feats.get("avx2") and feats.get(
+        "fma"
+    ):
+        out.append("avx2")
+        if all(feats.get(f) for f in ("avx512f", "avx512bw", "avx512vl", "avx512vnni")):
+            out.append("avx512vnni")
+    return tuple(out)
+
+
+def _isa_from_env() -> str:
+    supported = supported_isas()
+    forced = os.environ.get("QGEMM_ISA", "").strip().lower()
+    if not forced:
+        return supported[-1]
+    if forced not in ISA_PATHS:
+        raise ValueError(f"QGEMM_ISA: expected one of {ISA_PATHS}, got {forced!r}")
+    if forced not in supported:
+        raise ValueError(
+            f"QGEMM_ISA: {forced!r} is not supported by this CPU ({cpu_name()}); "
+            f"supported paths are {supported}"
+        )
+    return forced
+
+
+_state = {
+    "isa": _isa_from_env(),
+    "fastmath": os.environ.get("QGEMM_FASTMATH", "1").strip() not in ("0", "false", "no"),
+}
+
+
+def get_isa() -> str:
+    """The instruction-set path kernels are built for (``"portable"``, ``"avx2"``, ...)."""
+    return _state["isa"]
+
+
+def set_isa(isa: str) -> str:
+    """Choose the instruction-set path for kernels built from now on; returns the old one.
+
+    Kernels are cached per ISA, so switching back and forth does not recompile.
+    """
+    if isa not in ISA_PATHS:
+        raise ValueError(f"isa: expected one of {ISA_PATHS}, got {isa!r}")
+    if isa not in supported_isas():
+        raise ValueError(f"isa: {isa!r} is not supported by this CPU; supported: {supported_isas()}")
+    old = _state["isa"]
+    _state["isa"] = isa
+    return old
+
+
+def fastmath_flags() -> frozenset[str] | bool:
+    """LLVM fast-math flags for float *reductions* (sums in embedding bags, averaging).
+
+    Reassociation lets LLVM vectorise reductions; no flag assumes the absence of NaN or inf,
+    so non-finite values propagate as IEEE says.  Integer kernels never use fastmath.
+    """
+    if not _state["fastmath"]:
+        return False
+    return frozenset({"reassoc", "contract", "nsz", "arcp"})
+
+
+def _default_threads() -> int:
+    env = os.environ.get("QGEMM_NUM_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"QGEMM_NUM_THREADS: expected an integer, got {env!r}") from None
+        return max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+    return numba.config.NUMBA_NUM_THREADS
+
+
+def get_num_threads() -> int:
+    """Threads qgemm's parallel kernels use (default: all cores)."""
+    return _state["threads"]
+
+
+def sync_threads() -> int:
+    """Apply the configured thread count to the calling Python thread; returns it.
+
+    Numba's thread count is per calling thread, qgemm's is process-wide: every public
+    wrapper calls this before a parallel kernel (it costs a comparison when nothing changed).
+    """
+    n = _state["threads"]
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+    return n
+
+
+def set_num_threads(n: int) -> int:
+    """Set the thread count for qgemm's parallel kernels; returns the previous value.
+
+    ``n`` must be between 1 and the number of threads Numba started with
+    (``NUMBA_NUM_THREADS``, normally the core count).
+    """
+    if isinstance(n, bool) or not isinstance(n, (int,)) and not hasattr(n, "__index__"):
+        raise TypeError(f"n: expected an int, got {type(n).__name__}")
+    n = int(n)
+    hi = numba.config.NUMBA_NUM_THREADS
+    if not 1 <= n <= hi:
+        raise ValueError(f"n: expected 1 <= n <= {hi}, got {n}")
+    old = _state["threads"]
+    _state["threads"] = n
+    numba.set_num_threads(n)
+    return old
+
+
+def cache_dir() -> str:
+    """Directory of Numba's on-disk cache for qgemm's kernels."""
+    if numba.config.CACHE_DIR:
+        return str(numba.config.CACHE_DIR)
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "_kernels", "__pycache__")
+
+
+_state["threads"] = _default_threads()

@@ -1,0 +1,95 @@
+"""Affine (de)quantization kernels: one fused, parallel pass over the data.
+
+The data is seen as ``segments`` of ``seg_len`` consecutive elements of a flat C-ordered
+buffer; segment ``s`` uses channel ``(s // seg_per_channel) % channels``.  A per-tensor call has
+one channel and segments of a fixed block length (so it parallelises); a per-channel call over
+axis ``a`` of an array reshaped to ``[outer, C, inner]`` has ``seg_len = inner``.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import prange
+
+from .._cache import kernel_family
+
+_OUT_TYPES = {"uint8": numba.uint8, "int8": numba.int8}
+
+
+@kernel_family("quantize")
+def quantize_kernel(key):
+    """Key ``(out_dtype,)``: float32 -> uint8/int8 with round-half-to-even, zero point, clamp.
+
+    Returns the flat index of the first non-finite input, or -1; ``out`` is complete only when
+    the result is -1 (the wrapper then discards it).
+    """
+    (out_name,) = key
+    out_t = _OUT_TYPES[out_name]
+    sig = numba.int64(
+        numba.float32[::1],  # x (flat)
+        numba.float32[::1],  # scale per channel
+        numba.int32[::1],  # zero point per channel
+        numba.int64,  # seg_len
+        numba.int64,  # channels
+        numba.int32,  # qmin
+        numba.int32,  # qmax
+        out_t[::1],  # out (flat)
+    )
+
+    @numba.njit(sig, parallel=True, cache=True, nogil=True)
+    def quantize(x, scale, zero_point, seg_len, channels, qmin, qmax, out):
+        n = x.size
+        n_seg = (n + seg_len - 1) // seg_len
+        bad = np.full(max(n_seg, 1), -1, dtype=np.int64)
+        for s in prange(n_seg):
+            c = s % channels
+            sc = scale[c]
+            zp = np.float32(zero_point[c])
+            lo = np.float32(qmin)
+            hi = np.float32(qmax)
+            start = s * seg_len
+            stop = min(start + seg_len, n)
+            for i in range(start, stop):
+                v = x[i]
+                if not (v - v == np.float32(0.0)):  # NaN or +-inf
+                    if bad[s] < 0:
+                        bad[s] = i
+                    v = np.float32(0.0)
+                q = np.rint(v / sc) + zp
+                q = min(max(q, lo), hi)
+                out[i] = out_t(q)
+        first = -1
+        for s in range(bad.size):
+            if bad[s] >= 0:
+                first = bad[s]
+                break
+        return first
+
+    return quantize
+
+
+@kernel_family("dequantize")
+def dequantize_kernel(key):
+    """Key ``(in_dtype,)``: uint8/int8 -> float32, ``(q - zero_point) * scale``."""
+    (in_name,) = key
+    in_t = _OUT_TYPES[in_name]
+    sig = numba.void(
+        in_t[::1], numba.float32[::1], numba.int32[::1], numba.int64, numba.int64,
+        numba.float32[::1],
+    )
+
+    @numba.njit(sig, parallel=True, cache=True, nogil=True)
+    def dequantize(q, scale, zero_point, seg_len, channels, out):
+        n = q.size
+        n_seg = (n + seg_len - 1) // seg_len
+        for s in prange(n_seg):
+            c = s % channels
+            sc = scale[c]
+            zp = zero_point[c]
+            start = s * seg_len
+            stop = min(start + seg_len, n)
+            for i in range(start, stop):
+                out[i] = np.float32(np.int32(q[i]) - zp) * sc
+
+    return dequantize
