@@ -153,7 +153,7 @@ class QParams:
 
     def channel_params(self, channels: int) -> tuple[np.ndarray, np.ndarray]:
         """Per-channel ``(scale, zero_point)`` arrays of length ``channels`` (groups and
-        per-tensor values expanded), float32 and int32."""
+        per-tensor values expanded), float32 and int32; fresh, writeable copies."""
         if self.axis is None:
             return (
                 np.full(channels, self.scale, np.float32),
@@ -168,7 +168,7 @@ class QParams:
                 f"got {self.scale.size}"
             )
         if g == 1:
-            return np.ascontiguousarray(self.scale), np.ascontiguousarray(self.zero_point)
+            return np.array(self.scale), np.array(self.zero_point)
         return np.repeat(self.scale, g)[:channels], np.repeat(self.zero_point, g)[:channels]
 
     def __eq__(self, other: object) -> bool:
