@@ -127,7 +127,12 @@ def get_kernel(family: str, key: Hashable) -> Callable:
                 fam.hits += 1
             return kern
         t0 = time.perf_counter()
-        kern = fam.build(key)
+        try:
+            kern = fam.build(key)
+        except BaseException:
+            with _registry_lock:  # a failed build is not cached; waiters retry it themselves
+                fam.key_locks.pop(key, None)
+            raise
         dt = time.perf_counter() - t0
         with _registry_lock:
             fam.kernels[key] = kern

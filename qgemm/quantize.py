@@ -234,7 +234,9 @@ def _channel_minmax(x: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.nda
     if axis is None:
         flat = x.reshape(1, -1)
     else:
-        flat = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+        c = x.shape[axis]
+        inner = int(np.prod(x.shape)) // c if c else 0
+        flat = np.moveaxis(x, axis, 0).reshape(c, inner)
     if flat.shape[1] == 0:
         z = np.zeros(flat.shape[0])
         return z, z.copy()

@@ -1,0 +1,376 @@
+"""Embedding-bag kernels (FBGEMM's ``EmbeddingSpMDM`` family), one per signature.
+
+A kernel is specialised, through :func:`qgemm._cache.kernel_family`, on the key
+``(isa, kind, index dtype, offsets dtype, bags_by, mode, weighted, dim, parallel)``:
+
+``kind``
+    ``"float32"``, ``"float16"`` (a float table, row-major with unit inner stride), or
+    ``"rowwise8"``, ``"rowwise4"``, ``"rowwise2"`` (the fused rowwise-quantized layout: each row
+    holds the packed codes, then the scale, then the bias -- float32 for 8-bit, float16 for
+    4/2-bit, at unaligned byte offsets).
+``bags_by``
+    ``"offsets"`` (torch: bag ``b`` is ``[offsets[b], offsets[b + 1])``, the last bag runs to
+    the end of ``indices`` unless ``offsets`` carries the final offset) or ``"lengths"``
+    (Caffe2: consecutive runs of ``lengths[b]`` indices).
+``mode``
+    ``"sum"``, ``"mean"`` or ``"max"``.
+``dim``
+    The embedding dimension as a compile-time constant (LLVM then unrolls and vectorises the
+    row loop completely), or 0 for the generic kernel that reads it at run time.
+``parallel``
+    Parallel over bags (``prange``) or serial (small calls, where the cost of waking the
+    worker threads is larger than the work).
+
+Every kernel first *validates* (bag boundaries, then the index range with one vectorised
+min/max pass) and only then writes ``out``, so an invalid call returns an error code before
+touching the output or reading any row.  It returns ``(code, position, value)``: code 0 is
+success; the others are listed in :data:`ERRORS` and turned into exceptions by the wrapper.
+
+Rows are read straight from the table (the quantized ones are dequantized on the fly, never
+materialised), with the float32/float16 scale and bias fetched by unaligned loads, and the
+rows ``PREFETCH`` positions ahead are prefetched into the cache (``llvm.prefetch``), as
+FBGEMM does.  Float accumulation is in float32 (a float16 table is widened on load).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .._cache import kernel_family
+from .._config import fastmath_flags
+
+__all__ = ["embedding_bag_kernel", "ERRORS", "KINDS", "PREFETCH"]
+
+KINDS = ("float32", "float16", "rowwise8", "rowwise4", "rowwise2")
+MODES = ("sum", "mean", "max")
+PREFETCH = 16
+"""Prefetch distance, in indices (FBGEMM's default)."""
+
+# Error codes returned by the kernels as (code, position, value).
+OK = 0
+BAD_INDEX = 1
+BAD_FIRST_OFFSET = 2
+DECREASING_OFFSET = 3
+OFFSET_PAST_END = 4
+NEGATIVE_LENGTH = 5
+LENGTHS_SUM = 6
+ERRORS = {
+    BAD_INDEX: "index out of range",
+    BAD_FIRST_OFFSET: "offsets[0] is not 0",
+    DECREASING_OFFSET: "offsets decrease",
+    OFFSET_PAST_END: "offset past the end of indices",
+    NEGATIVE_LENGTH: "negative length",
+    LENGTHS_SUM: "lengths do not add up to the number of indices",
+}
+
+_CACHE_LINE = 64
+
+
+# -- intrinsics --------------------------------------------------------------------------------
+def _byte_pointer(context, builder, arrty, arr, offset):
+    ary = context.make_array(arrty)(context, builder, arr)
+    ptr = builder.bitcast(ary.data, ir.IntType(8).as_pointer())
+    return builder.gep(ptr, [offset])
+
+
+@intrinsic
+def load_f32(typingctx, arr, byte_offset):
+    """float32 at ``byte_offset`` of a byte array (any alignment)."""
+    sig = types.float32(arr, types.intp)
+
+    def codegen(context, builder, signature, args):
+        ptr = _byte_pointer(context, builder, signature.args[0], args[0], args[1])
+        fptr = builder.bitcast(ptr, ir.FloatType().as_pointer())
+        return builder.load(fptr, align=1)
+
+    return sig, codegen
+
+
+@intrinsic
+def load_f16(typingctx, arr, byte_offset):
+    """float16 at ``byte_offset`` of a byte array (any alignment), widened to float32."""
+    sig = types.float32(arr, types.intp)
+
+    def codegen(context, builder, signature, args):
+        ptr = _byte_pointer(context, builder, signature.args[0], args[0], args[1])
+        hptr = builder.bitcast(ptr, ir.HalfType().as_pointer())
+        return builder.fpext(builder.load(hptr, align=1), ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def half_to_float(typingctx, bits):
+    """The float16 whose bit pattern is the uint16 ``bits``, as float32 (``vcvtph2ps``)."""
+    sig = types.float32(types.uint16)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def prefetch(typingctx, arr, byte_offset):
+    """Hint the cache to load the line at ``byte_offset`` of ``arr`` (read, keep in all
+    levels).  A prefetch never faults, but callers only pass validated offsets anyway."""
+    sig = types.void(arr, types.intp)
+
+    def codegen(context, builder, signature, args):
+        ptr = _byte_pointer(context, builder, signature.args[0], args[0], args[1])
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# -- the kernel family ---------------------------------------------------------------------------
+_INT = {"int32": numba.int32, "int64": numba.int64}
+_TABLE = {
+    "float32": numba.float32,
+    "float16": numba.uint16,  # float16 bits, widened with half_to_float
+    "rowwise8": numba.uint8,
+    "rowwise4": numba.uint8,
+    "rowwise2": numba.uint8,
+}
+
+
+def signature(key):
+    """Numba signature of the kernel for ``key``."""
+    _isa, kind, idx_name, off_name, _by, _mode, _w, _dim, _par = key
+    return types.UniTuple(types.int64, 3)(
+        _TABLE[kind][::1],  # table, flat (row r starts at r * row_stride)
+        types.int64,  # row_stride (elements of table)
+        types.int64,  # rows
+        types.int64,  # dim (run time; ignored when specialised)
+        _INT[idx_name][::1],  # indices
+        _INT[off_name][::1],  # offsets or lengths
+        types.int64,  # bags
+        numba.float32[::1],  # per-sample weights (empty when unweighted)
+        types.int64,  # padding index, -1 for none
+        numba.float32[:, ::1],  # out [bags, dim]
+    )
+
+
+@kernel_family("embedding_bag")
+def embedding_bag_kernel(key):
+    """Key ``(isa, kind, index dtype, offsets dtype, bags_by, mode, weighted, dim, parallel)``;
+    see the module docstring.  The ISA is part of the key so that each path gets its own
+    compiled copy; the code itself is plain loops LLVM vectorises for the host."""
+    isa, kind, idx_name, off_name, bags_by, mode, weighted, dim_c, parallel = key
+    if kind not in KINDS or mode not in MODES or bags_by not in ("offsets", "lengths"):
+        raise ValueError(f"embedding_bag kernel: bad key {key!r}")
+    KIND = kind
+    BY_LENGTHS = bags_by == "lengths"
+    MODE_SUM = mode == "sum"
+    MODE_MEAN = mode == "mean"
+    MODE_MAX = mode == "max"
+    WEIGHTED = bool(weighted)
+    DIM = int(dim_c)
+    PF = PREFETCH
+    LINE = _CACHE_LINE
+    QUANT = kind.startswith("rowwise")
+    BITS = {"rowwise8": 8, "rowwise4": 4, "rowwise2": 2}.get(kind, 32)
+    ITEM = {"float32": 4, "float16": 2}.get(kind, 1)  # bytes per table element
+    loop = prange if parallel else range
+    sig = signature(key)
+
+    @numba.njit(sig, parallel=bool(parallel), cache=True, nogil=True, fastmath=fastmath_flags())
+    def embedding_bag(table, row_stride, rows, dim_rt, indices, offs, bags, weights, pad, out):
+        n = indices.size
+        dim = DIM if DIM > 0 else dim_rt
+        row_bytes = row_stride * ITEM
+        # ---- validation: nothing below reads a row or writes out before this passes ----
+        n_offs = offs.size
+        if BY_LENGTHS:
+            starts = np.empty(bags + 1, np.int64)
+            total = 0
+            for b in range(bags):
+                ln = np.int64(offs[b])
+                if ln < 0:
+                    return (NEGATIVE_LENGTH, b, ln)
+                starts[b] = total
+                total += ln
+            starts[bags] = total
+            if total != n:
+                return (LENGTHS_SUM, total, n)
+        else:
+            starts = np.empty(0, np.int64)
+            if n_offs > 0:
+                if offs[0] != 0:
+                    return (BAD_FIRST_OFFSET, 0, np.int64(offs[0]))
+                decreasing = False
+                for b in range(1, n_offs):
+                    decreasing |= offs[b] < offs[b - 1]
+                if decreasing:
+                    for b in range(1, n_offs):
+                        if offs[b] < offs[b - 1]:
+                            return (DECREASING_OFFSET, b, np.int64(offs[b]))
+                if np.int64(offs[n_offs - 1]) > n:
+                    return (OFFSET_PAST_END, n_offs - 1, np.int64(offs[n_offs - 1]))
+        if n > 0:
+            lo = np.int64(indices[0])
+            hi = lo
+            for i in range(n):
+                v = np.int64(indices[i])
+                lo = min(lo, v)
+                hi = max(hi, v)
+            if lo < 0 or hi >= rows:
+                for i in range(n):
+                    v = np.int64(indices[i])
+                    if v < 0 or v >= rows:
+                        return (BAD_INDEX, i, v)
+        # ---- compute ----
+        for b in loop(bags):
+            if BY_LENGTHS:
+                s = starts[b]
+                e = starts[b + 1]
+            else:
+                s = np.int64(offs[b])
+                e = np.int64(offs[b + 1]) if b + 1 < n_offs else n
+            if not MODE_MAX:
+                for j in range(dim):
+                    out[b, j] = np.float32(0.0)
+            cnt = 0
+            for k in range(s, e):
+                kp = min(k + PF, n - 1)
+                pbase = np.int64(indices[kp]) * row_bytes
+                for c in range(0, row_bytes, LINE):
+                    prefetch(table, pbase + c)
+                r = np.int64(indices[k])
+                if r == pad:
+                    continue
+                base = r * row_stride
+                if WEIGHTED:
+                    w = weights[k]
+                else:
+                    w = np.float32(1.0)
+                if QUANT:
+                    if BITS == 8:
+                        cb = dim
+                        sc = load_f32(table, base + cb)
+                        bi = load_f32(table, base + cb + 4)
+                    else:
+                        per = 8 // BITS
+                        cb = (dim + per - 1) // per
+                        sc = load_f16(table, base + cb)
+                        bi = load_f16(table, base + cb + 2)
+                    if WEIGHTED:
+                        sc = sc * w
+                        bi = bi * w
+                    if BITS == 8:
+                        if MODE_MAX:
+                            if cnt == 0:
+                                for j in range(dim):
+                                    out[b, j] = sc * np.float32(table[base + j]) + bi
+                            else:
+                                for j in range(dim):
+                                    out[b, j] = max(
+                                        out[b, j], sc * np.float32(table[base + j]) + bi
+                                    )
+                        else:
+                            for j in range(dim):
+                                out[b, j] += sc * np.float32(table[base + j]) + bi
+                    elif BITS == 4:
+                        half = dim // 2
+                        for j in range(half):
+                            byte = table[base + j]
+                            v0 = sc * np.float32(byte & np.uint8(15)) + bi
+                            v1 = sc * np.float32(byte >> np.uint8(4)) + bi
+                            if MODE_MAX:
+                                if cnt == 0:
+                                    out[b, 2 * j] = v0
+                                    out[b, 2 * j + 1] = v1
+                                else:
+                                    out[b, 2 * j] = max(out[b, 2 * j], v0)
+                                    out[b, 2 * j + 1] = max(out[b, 2 * j + 1], v1)
+                            else:
+                                out[b, 2 * j] += v0
+                                out[b, 2 * j + 1] += v1
+                        if dim % 2:
+                            byte = table[base + half]
+                            v0 = sc * np.float32(byte & np.uint8(15)) + bi
+                            if MODE_MAX and cnt > 0:
+                                out[b, dim - 1] = max(out[b, dim - 1], v0)
+                            elif MODE_MAX:
+                                out[b, dim - 1] = v0
+                            else:
+                                out[b, dim - 1] += v0
+                    else:
+                        quarter = dim // 4
+                        for j in range(quarter):
+                            byte = table[base + j]
+                            v0 = sc * np.float32(byte & np.uint8(3)) + bi
+                            v1 = sc * np.float32((byte >> np.uint8(2)) & np.uint8(3)) + bi
+                            v2 = sc * np.float32((byte >> np.uint8(4)) & np.uint8(3)) + bi
+                            v3 = sc * np.float32(byte >> np.uint8(6)) + bi
+                            if MODE_MAX:
+                                if cnt == 0:
+                                    out[b, 4 * j] = v0
+                                    out[b, 4 * j + 1] = v1
+                                    out[b, 4 * j + 2] = v2
+                                    out[b, 4 * j + 3] = v3
+                                else:
+                                    out[b, 4 * j] = max(out[b, 4 * j], v0)
+                                    out[b, 4 * j + 1] = max(out[b, 4 * j + 1], v1)
+                                    out[b, 4 * j + 2] = max(out[b, 4 * j + 2], v2)
+                                    out[b, 4 * j + 3] = max(out[b, 4 * j + 3], v3)
+                            else:
+                                out[b, 4 * j] += v0
+                                out[b, 4 * j + 1] += v1
+                                out[b, 4 * j + 2] += v2
+                                out[b, 4 * j + 3] += v3
+                        for j in range(4 * quarter, dim):
+                            byte = table[base + quarter]
+                            v0 = sc * np.float32((byte >> np.uint8(2 * (j - 4 * quarter)))
+                                                 & np.uint8(3)) + bi
+                            if MODE_MAX and cnt > 0:
+                                out[b, j] = max(out[b, j], v0)
+                            elif MODE_MAX:
+                                out[b, j] = v0
+                            else:
+                                out[b, j] += v0
+                else:
+                    if MODE_MAX:
+                        if cnt == 0:
+                            for j in range(dim):
+                                if KIND == "float16":
+                                    out[b, j] = half_to_float(table[base + j])
+                                else:
+                                    out[b, j] = table[base + j]
+                        else:
+                            for j in range(dim):
+                                if KIND == "float16":
+                                    out[b, j] = max(out[b, j], half_to_float(table[base + j]))
+                                else:
+                                    out[b, j] = max(out[b, j], table[base + j])
+                    elif WEIGHTED:
+                        for j in range(dim):
+                            if KIND == "float16":
+                                out[b, j] += w * half_to_float(table[base + j])
+                            else:
+                                out[b, j] += w * table[base + j]
+                    else:
+                        for j in range(dim):
+                            if KIND == "float16":
+                                out[b, j] += half_to_float(table[base + j])
+                            else:
+                                out[b, j] += table[base + j]
+                cnt += 1
+            if MODE_MEAN and cnt > 1:
+                for j in range(dim):
+                    out[b, j] = out[b, j] / np.float32(cnt)
+            if MODE_MAX and cnt == 0:
+                for j in range(dim):
+                    out[b, j] = np.float32(0.0)
+        return (OK, 0, 0)
+
+    return embedding_bag

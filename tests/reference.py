@@ -1,0 +1,102 @@
+"""Plain numpy reference implementations: the test oracle for every qgemm kernel.
+
+Obviously-correct, slow code.  Integer results are computed in int64; float results in float64
+unless a section says otherwise.  Each topic has its own section; keep them independent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# ============================================================================================
+# Quantization primitives
+
+
+def ref_qrange(dtype: str, reduce_range: bool = False) -> tuple[int, int]:
+    if dtype == "uint8":
+        return (0, 127) if reduce_range else (0, 255)
+    return (-64, 63) if reduce_range else (-128, 127)
+
+
+def ref_choose_qparams_fbgemm(xmin: float, xmax: float, qmin: int, qmax: int):
+    """FBGEMM's ChooseQuantizationParams, scalar, written from its definition."""
+    xmin = min(float(np.float32(xmin)), 0.0)
+    xmax = max(float(np.float32(xmax)), 0.0)
+    scale = float(np.float32((xmax - xmin) / (qmax - qmin)))
+    if scale == 0.0 or np.isinf(np.float32(1.0) / np.float32(scale)):
+        scale = float(np.float32(0.1))
+    thr = float(np.float32(6.1e-5))
+    if scale < thr:
+        org = scale
+        scale = thr
+        if xmin == 0.0:
+            xmax = float(np.float32(thr * (qmax - qmin)))
+        elif xmax == 0.0:
+            xmin = float(np.float32(-thr * (qmax - qmin)))
+        else:
+            amp = float(np.float32(thr / org))
+            xmin = float(np.float32(xmin * amp))
+            xmax = float(np.float32(xmax * amp))
+    zmin = qmin - xmin / scale
+    zmax = qmax - xmax / scale
+    emin = abs(qmin) + abs(xmin / scale)
+    emax = abs(qmax) + abs(xmax / scale)
+    z0 = zmin if emin < emax else zmax
+    if z0 < qmin:
+        zp = qmin
+    elif z0 > qmax:
+        zp = qmax
+    else:
+        zp = int(np.rint(z0))
+    return np.float32(scale), zp
+
+
+def ref_quantize(x, scale, zero_point, qmin, qmax, dtype):
+    """clamp(rint(x / scale) + zp) in float32; scale/zero_point broadcast against x."""
+    x = np.asarray(x, np.float32)
+    q = np.rint(x / np.asarray(scale, np.float32)) + np.asarray(zero_point, np.float32)
+    return np.clip(q, qmin, qmax).astype(dtype)
+
+
+def ref_dequantize(q, scale, zero_point):
+    return ((np.asarray(q, np.int32) - np.asarray(zero_point, np.int32)).astype(np.float32)
+            * np.asarray(scale, np.float32))
+
+
+def ref_quantize_rowwise_fused(table, bits):
+    """FBGEMM's rowwise quantizers (8-bit SBFloat, 4/2-bit SBHalf), one row at a time."""
+    table = np.asarray(table, np.float32)
+    rows, dim = table.shape
+    per_byte = 8 // bits
+    cb = -(-dim // per_byte)
+    out = np.zeros((rows, cb + (8 if bits == 8 else 4)), np.uint8)
+    for r in range(rows):
+        row = table[r]
+        mn = np.float32(row.min()) if dim else np.float32(0)
+        mx = np.float32(row.max()) if dim else np.float32(0)
+        if bits == 8:
+            rng = np.float32(mx - mn)
+            scale = np.float32(rng / np.float32(255))
+            inv = np.float32(np.float32(255) / np.float32(rng + np.float32(1e-8)))
+            for j in range(dim):
+                out[r, j] = int(np.clip(np.rint(np.float32((row[j] - mn) * inv)), 0, 255))
+            out[r, cb:] = np.array([scale, mn], np.float32).view(np.uint8)
+            continue
+        mn16 = np.float16(mn)
+        mn = np.float32(mn16)
+        rng = np.float32(mx - mn)
+        scale = np.float32(1.0) if rng == 0 else np.float32(rng / np.float32((1 << bits) - 1))
+        with np.errstate(over="ignore"):
+            scale = np.float32(np.float16(scale))
+        if scale == 0:
+            scale = np.float32(1.0)
+        with np.errstate(divide="ignore", over="ignore"):
+            inv = np.float32(np.float32(1.0) / scale)
+        if np.isinf(inv):
+            scale = inv = np.float32(1.0)
+        for j in range(dim):
+            code = int(np.clip(np.rint(np.float32((row[j] - mn) * inv)), 0, (1 << bits) - 1))
+            out[r, j // per_byte] |= code << ((j % per_byte) * bits)
+        with np.errstate(over="ignore"):
+            out[r, cb:] = np.array([np.float16(scale), mn16], np.float16).view(np.uint8)
+    return out
