@@ -113,16 +113,25 @@ class Progress:
         self.enabled = enabled
         self.stream = stream or sys.stderr
 
+    def close(self) -> None:
+        """End the bar's line (for bars whose total was not known up front)."""
+        if self.enabled and self.done and self.done != self.total:
+            self.stream.write("\n")
+            self.stream.flush()
+
     def step(self, what: str = "") -> None:
         self.done += 1
         if not self.enabled:
             return
-        width = 28
-        filled = int(width * self.done / self.total)
-        bar = "#" * filled + "." * (width - filled)
-        msg = f"\r{self.label} [{bar}] {self.done}/{self.total} {what}"[:110]
+        if self.total <= 1 and self.done > self.total:  # total unknown: a counter
+            msg = f"\r{self.label} {self.done} done {what}"[:110]
+        else:
+            width = 28
+            filled = int(width * min(self.done, self.total) / self.total)
+            bar = "#" * filled + "." * (width - filled)
+            msg = f"\r{self.label} [{bar}] {self.done}/{self.total} {what}"[:110]
         self.stream.write(msg.ljust(110))
         self.stream.flush()
-        if self.done >= self.total:
+        if self.done == self.total and self.total > 1:
             self.stream.write("\n")
             self.stream.flush()

@@ -100,7 +100,9 @@ def set_isa(isa: str) -> str:
     if isa not in ISA_PATHS:
         raise ValueError(f"isa: expected one of {ISA_PATHS}, got {isa!r}")
     if isa not in supported_isas():
-        raise ValueError(f"isa: {isa!r} is not supported by this CPU; supported: {supported_isas()}")
+        raise ValueError(
+            f"isa: {isa!r} is not supported by this CPU; supported: {supported_isas()}"
+        )
     old = _state["isa"]
     _state["isa"] = isa
     return old

@@ -469,9 +469,10 @@ class RowwiseQuantizedTable:
         --------
         >>> import numpy as np
         >>> t = quantize_rowwise(np.arange(6, dtype=np.float32).reshape(2, 3), bits=4)
-        >>> RowwiseQuantizedTable.from_fused(t.to_fused(), bits=4, dim=3).dequantize()
-        array([[0., 1., 2.],
-               [3., 4., 5.]], dtype=float32)
+        >>> back = RowwiseQuantizedTable.from_fused(t.to_fused(), bits=4, dim=3)
+        >>> back.shape, back.dequantize().round(1)
+        ((2, 3), array([[0. , 1.1, 2. ],
+               [3. , 4.1, 5. ]], dtype=float32))
         """
         bits = _check_bits(bits)
         fused = as_array("fused", fused, dtypes=(np.uint8,), ndim=2)

@@ -330,7 +330,8 @@ def test_rowwise_rejects():
         quantize_rowwise(np.zeros(4, np.float32))
     bad = np.zeros((2, 2), np.float32)
     bad[1, 0] = np.inf
-    with pytest.raises(ValueError, match=r"table: expected finite values, got inf at index \(1, 0\)"):
+    msg = r"table: expected finite values, got inf at index \(1, 0\)"
+    with pytest.raises(ValueError, match=msg):
         quantize_rowwise(bad)
     with pytest.raises(ValueError, match="dim"):
         RowwiseQuantizedTable.from_fused(np.zeros((2, 6), np.uint8), bits=4, dim=5)

@@ -1,0 +1,5 @@
+import sys
+
+from qgemm.cli import main
+
+sys.exit(main())

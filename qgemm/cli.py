@@ -1,0 +1,191 @@
+"""Command line: ``python -m qgemm [main-job options]``, ``python -m qgemm info``,
+``python -m qgemm bench``.
+
+The main job (no sub-command) is the DLRM-style int8 inference demo of :mod:`qgemm._main_job`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import sys
+from typing import Any
+
+_BENCH_MODULES = {
+    "gemm": "qgemm._bench_gemm",
+    "embedding": "qgemm._bench_embedding",
+    "averaging": "qgemm._bench_averaging",
+}
+
+
+def info_dict() -> dict[str, Any]:
+    """Everything ``python -m qgemm info`` prints, as a dict."""
+    import llvmlite
+    import numba
+    import numpy
+
+    import qgemm
+
+    from . import _config
+
+    feats = _config.cpu_features()
+    interesting = [
+        "sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+        "avx512vnni", "avxvnni", "neon", "sve",
+    ]
+    ci = qgemm.cache_info()
+    return {
+        "qgemm": qgemm.__version__,
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "numba": numba.__version__,
+        "llvmlite": llvmlite.__version__,
+        "machine": platform.machine(),
+        "cpu": _config.cpu_name(),
+        "cpu_features": {k: feats[k] for k in interesting if k in feats},
+        "isa": _config.get_isa(),
+        "supported_isas": list(_config.supported_isas()),
+        "threads": _config.get_num_threads(),
+        "max_threads": numba.config.NUMBA_NUM_THREADS,
+        "threading_layer": numba.config.THREADING_LAYER,
+        "fastmath": sorted(_config.fastmath_flags() or []),
+        "cache_dir": _config.cache_dir(),
+        "cache_info": {
+            "kernels": ci.currsize,
+            "hits": ci.hits,
+            "misses": ci.misses,
+            "compile_seconds": round(ci.compile_seconds, 3),
+            "families": {k: len(v.keys) for k, v in ci.families.items()},
+        },
+    }
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    d = info_dict()
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    width = max(len(k) for k in d)
+    for k, v in d.items():
+        if isinstance(v, dict):
+            v = ", ".join(f"{a}={b}" for a, b in v.items()) or "-"
+        elif isinstance(v, list):
+            v = ", ".join(map(str, v)) or "-"
+        print(f"{k.ljust(width)}  {v}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import _config
+    from ._benchtools import Progress
+
+    if args.threads:
+        _config.set_num_threads(args.threads)
+    wanted = args.only.split(",") if args.only else list(_BENCH_MODULES)
+    unknown = [w for w in wanted if w not in _BENCH_MODULES]
+    if unknown:
+        print(f"--only: unknown suite(s) {unknown}; choose from {list(_BENCH_MODULES)}",
+              file=sys.stderr)
+        return 2
+    tables = []
+    for name in wanted:
+        try:
+            mod = importlib.import_module(_BENCH_MODULES[name])
+        except ImportError as exc:  # a suite whose module is absent in this build
+            print(f"[bench] skipping {name}: {exc}", file=sys.stderr)
+            continue
+        progress = Progress(0, label=f"bench {name}", enabled=not args.no_progress)
+        tables += mod.run(quick=args.quick, progress=progress)
+        progress.close()
+    header = info_dict()
+    if args.json:
+        doc = {"machine": {k: header[k] for k in ("cpu", "isa", "threads", "numba")},
+               "tables": [t.to_dict() for t in tables]}
+        print(json.dumps(doc, indent=2, default=float))
+    else:
+        print(f"qgemm {header['qgemm']} | {header['cpu']} | isa {header['isa']} | "
+              f"{header['threads']} threads | numba {header['numba']}")
+        for t in tables:
+            print()
+            print(t.render())
+    if args.plot:
+        _plot(tables, args.plot)
+    return 0
+
+
+def _plot(tables, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot: matplotlib is not installed; skipping the plot", file=sys.stderr)
+        return
+    ratio_tables = [t for t in tables if any("vs" in c or "×" in c for c in t.columns)]
+    if not ratio_tables:
+        print("--plot: no ratio columns to plot", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(len(ratio_tables), 1, figsize=(10, 3.2 * len(ratio_tables)),
+                             squeeze=False)
+    for ax, t in zip(axes[:, 0], ratio_tables, strict=True):
+        cols = [i for i, c in enumerate(t.columns) if "vs" in c or "×" in c]
+        labels = [str(r[0]) for r in t.rows]
+        width = 0.8 / max(1, len(cols))
+        for j, ci in enumerate(cols):
+            vals = [float(r[ci]) if isinstance(r[ci], (int, float)) else float("nan")
+                    for r in t.rows]
+            ax.bar([i + j * width for i in range(len(labels))], vals, width,
+                   label=t.columns[ci])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, rotation=45,
+                      ha="right", fontsize=7)
+        ax.set_title(t.title, fontsize=9)
+        ax.set_ylabel("speed-up (×)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot written to {path}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import _main_job
+
+    parser = argparse.ArgumentParser(
+        prog="python -m qgemm",
+        description="qgemm's main job: DLRM-style int8 inference, float32 (numpy) vs int8 "
+        "(qgemm), with the time split, memory and accuracy impact.  Sub-commands: "
+        "'info' (versions, CPU, ISA path, threads, kernel cache) and 'bench' (side-by-side "
+        "benchmarks against numpy, PyTorch/FBGEMM and ONNX Runtime).",
+    )
+    _main_job.add_arguments(parser)
+    sub = parser.add_subparsers(dest="command")
+    p_info = sub.add_parser("info", help="versions, CPU features, ISA path, threads, cache")
+    p_info.add_argument("--json", action="store_true", help="print one JSON document")
+    p_bench = sub.add_parser("bench", help="benchmarks vs numpy, torch/FBGEMM, ONNX Runtime")
+    p_bench.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing")
+    p_bench.add_argument("--json", action="store_true", help="stdout carries only JSON")
+    p_bench.add_argument("--plot", metavar="PNG", help="write a bar chart of the ratios")
+    p_bench.add_argument("--only", metavar="SUITES",
+                         help=f"comma-separated subset of {','.join(_BENCH_MODULES)}")
+    p_bench.add_argument("--threads", type=int, help="thread count (default: all cores)")
+    p_bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return _cmd_info(args)
+    if args.command == "bench":
+        return _cmd_bench(args)
+    from . import _main_job
+
+    return _main_job.run(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
