@@ -18,7 +18,12 @@ from typing import Any
 import numpy as np
 
 from . import _config
-from ._kernels.quantize import dequantize_kernel, quantize_kernel
+from ._kernels.quantize import (
+    dequantize_kernel,
+    quantize_kernel,
+    rowwise_codes_kernel,
+    rowwise_minmax_kernel,
+)
 from ._validate import as_array, check_choice, check_finite, check_int
 
 __all__ = [
@@ -598,33 +603,39 @@ def quantize_rowwise(table: Any, *, bits: int = 8) -> RowwiseQuantizedTable:
     """
     bits = _check_bits(bits)
     table = as_array("table", table, dtypes=(np.float32, np.float16), ndim=2)
-    check_finite("table", table)
     rows, dim = table.shape
     cb = _code_bytes(dim, bits)
     fused = np.zeros((rows, cb + _param_bytes(bits)), dtype=np.uint8)
-    for start in range(0, rows, _ROW_CHUNK):
-        stop = min(start + _ROW_CHUNK, rows)
-        _quantize_rows(table[start:stop], bits, fused[start:stop])
+    _config.sync_threads()
+    # float16 tables are converted in chunks of rows (bounded temporaries); float32 in one go
+    chunk = _ROW_CHUNK if table.dtype != np.float32 else max(rows, 1)
+    for start in range(0, rows, chunk):
+        stop = min(start + chunk, rows)
+        x = np.ascontiguousarray(table[start:stop], dtype=np.float32)
+        _quantize_rows(x, bits, fused[start:stop], start)
     return RowwiseQuantizedTable(fused, bits, dim)
 
 
-def _quantize_rows(x: np.ndarray, bits: int, fused: np.ndarray) -> None:
-    x = x.astype(np.float32)
+def _quantize_rows(x: np.ndarray, bits: int, fused: np.ndarray, row0: int) -> None:
+    """Quantize float32 rows ``x`` into ``fused`` (rows ``row0...`` of the whole table).
+
+    Min/max and codes run in parallel Numba kernels; the per-row parameters (a vector per
+    table, where the float16 rounding happens) are computed with numpy."""
     n, dim = x.shape
     cb = _code_bytes(dim, bits)
-    if dim == 0:
-        mn = np.zeros(n, np.float32)
-        mx = np.zeros(n, np.float32)
-    else:
-        mn = x.min(axis=1)
-        mx = x.max(axis=1)
+    mn = np.empty(n, np.float32)
+    mx = np.empty(n, np.float32)
+    bad = rowwise_minmax_kernel(())(x, mn, mx)
+    if bad >= 0:
+        r, c = divmod(int(bad), dim)
+        raise ValueError(
+            f"table: expected finite values, got {x[r, c]} at index ({row0 + r}, {c})"
+        )
     if bits == 8:
         rng = (mx - mn).astype(np.float32)
         scale = (rng / np.float32(255.0)).astype(np.float32)
         inv = (np.float32(255.0) / (rng + np.float32(1e-8))).astype(np.float32)
-        codes = np.rint((x - mn[:, None]) * inv[:, None])
-        np.clip(codes, 0, 255, out=codes)
-        fused[:, :dim] = codes.astype(np.uint8)
+        rowwise_codes_kernel((8,))(x, mn, inv, fused)
         params = np.stack([scale, mn], axis=1).astype(np.float32)
         fused[:, cb:] = params.view(np.uint8).reshape(n, 8)
         return
@@ -634,28 +645,15 @@ def _quantize_rows(x: np.ndarray, bits: int, fused: np.ndarray) -> None:
     rng = (mx - mn).astype(np.float32)
     scale = np.where(rng == 0, np.float32(1.0), rng / levels).astype(np.float32)
     with np.errstate(over="ignore"):
-        scale16 = scale.astype(np.float16)
-    scale = scale16.astype(np.float32)
+        scale = scale.astype(np.float16).astype(np.float32)
     scale = np.where(scale == 0, np.float32(1.0), scale).astype(np.float32)
     with np.errstate(divide="ignore", over="ignore"):
         inv = (np.float32(1.0) / scale).astype(np.float32)
     inf = np.isinf(inv)
     scale = np.where(inf, np.float32(1.0), scale).astype(np.float32)
     inv = np.where(inf, np.float32(1.0), inv).astype(np.float32)
+    rowwise_codes_kernel((bits,))(x, mn, inv, fused)
     # Scales that overflow float16 are stored as inf (as FBGEMM's cpu_float2half_rn does).
     with np.errstate(over="ignore"):
-        scale16 = scale.astype(np.float16)
-    with np.errstate(invalid="ignore"):
-        codes = np.rint((x - mn[:, None]) * inv[:, None])
-    codes = np.clip(np.nan_to_num(codes, nan=0.0), 0, levels).astype(np.uint8)
-    per_byte = 8 // bits
-    pad = cb * per_byte - dim
-    if pad:
-        codes = np.concatenate([codes, np.zeros((n, pad), np.uint8)], axis=1)
-    codes = codes.reshape(n, cb, per_byte)
-    packed = np.zeros((n, cb), np.uint8)
-    for j in range(per_byte):
-        packed |= codes[:, :, j] << np.uint8(j * bits)
-    fused[:, :cb] = packed
-    params = np.stack([scale16, mn16], axis=1)
+        params = np.stack([scale.astype(np.float16), mn16], axis=1)
     fused[:, cb:] = params.view(np.uint8).reshape(n, 4)

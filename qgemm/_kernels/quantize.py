@@ -93,3 +93,73 @@ def dequantize_kernel(key):
                 out[i] = np.float32(np.int32(q[i]) - zp) * sc
 
     return dequantize
+
+
+@kernel_family("rowwise_minmax")
+def rowwise_minmax_kernel(key):
+    """Key ``()``: per-row min and max of a float32 ``[rows, dim]`` table (0 for empty rows),
+    and the flat index of the first non-finite element (or -1)."""
+    sig = numba.int64(numba.float32[:, ::1], numba.float32[::1], numba.float32[::1])
+
+    @numba.njit(sig, parallel=True, cache=True, nogil=True)
+    def rowwise_minmax(x, mn, mx):
+        rows, dim = x.shape
+        bad = np.full(max(rows, 1), -1, dtype=np.int64)
+        for r in prange(rows):
+            lo = np.float32(np.inf)
+            hi = np.float32(-np.inf)
+            for j in range(dim):
+                v = x[r, j]
+                if not (v - v == np.float32(0.0)):
+                    if bad[r] < 0:
+                        bad[r] = r * dim + j
+                lo = min(lo, v)
+                hi = max(hi, v)
+            if dim == 0:
+                lo = np.float32(0.0)
+                hi = np.float32(0.0)
+            mn[r] = lo
+            mx[r] = hi
+        for r in range(rows):
+            if bad[r] >= 0:
+                return bad[r]
+        return -1
+
+    return rowwise_minmax
+
+
+@kernel_family("rowwise_codes")
+def rowwise_codes_kernel(key):
+    """Key ``(bits,)``: codes ``clamp(rint((x - bias) * inverse_scale))`` of every row, packed
+    ``8 // bits`` per byte (low bits first) into the first bytes of each fused row.  Float32
+    arithmetic without contraction, so the bytes equal FBGEMM's."""
+    (bits,) = key
+    per_byte = 8 // bits
+    levels = (1 << bits) - 1
+    sig = numba.void(numba.float32[:, ::1], numba.float32[::1], numba.float32[::1],
+                     numba.uint8[:, ::1])
+
+    @numba.njit(sig, parallel=True, cache=True, nogil=True)
+    def rowwise_codes(x, bias, inverse_scale, fused):
+        rows, dim = x.shape
+        hi = np.float32(levels)
+        for r in prange(rows):
+            b = bias[r]
+            inv = inverse_scale[r]
+            if per_byte == 1:
+                for j in range(dim):
+                    q = np.rint((x[r, j] - b) * inv)
+                    fused[r, j] = np.uint8(min(max(q, np.float32(0.0)), hi))
+            else:
+                nbytes = (dim + per_byte - 1) // per_byte
+                for k in range(nbytes):
+                    acc = 0
+                    for e in range(per_byte):
+                        j = k * per_byte + e
+                        if j < dim:
+                            q = np.rint((x[r, j] - b) * inv)
+                            code = np.int64(min(max(q, np.float32(0.0)), hi))
+                            acc |= code << (e * bits)
+                    fused[r, k] = np.uint8(acc)
+
+    return rowwise_codes
