@@ -100,3 +100,96 @@ def ref_quantize_rowwise_fused(table, bits):
         with np.errstate(over="ignore"):
             out[r, cb:] = np.array([np.float16(scale), mn16], np.float16).view(np.uint8)
     return out
+
+
+# ============================================================================================
+# Model averaging (qgemm.averaging)
+
+
+def ref_flatten(tree, prefix=()):
+    """Nested mapping -> {path tuple: leaf}, in traversal order."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(ref_flatten(v, (*prefix, k)))
+        else:
+            out[(*prefix, k)] = v
+    return out
+
+
+def ref_unflatten(flat):
+    out = {}
+    for path, v in flat.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return out
+
+
+def ref_average_leaf(values, weights, int_policy="max"):
+    """Weighted average of one leaf over models, as qgemm.average defines it: models with zero
+    weight are ignored; floats as float64 ``(w0 x0 + w1 x1 + ...) / sum(w)`` left to right,
+    rounded once to the dtype; integers by ``int_policy``."""
+    pairs = [(np.asarray(v), float(w)) for v, w in zip(values, weights, strict=True)
+             if float(w) > 0]
+    dt = pairs[0][0].dtype
+    total = sum(w for _, w in pairs)
+    if dt.kind == "f":
+        acc = None
+        for v, w in pairs:
+            term = w * v.astype(np.float64)
+            acc = term if acc is None else acc + term
+        return (acc / total).astype(dt)
+    if int_policy == "first":
+        return pairs[0][0].copy()
+    if int_policy == "max":
+        out = pairs[0][0]
+        for v, _ in pairs[1:]:
+            out = np.maximum(out, v)
+        return out.astype(dt)
+    if int_policy == "sum":
+        exact = sum(v.astype(object) for v, _ in pairs)  # Python ints: the caller checks range
+        return np.asarray(exact, dtype=object).astype(dt)
+    acc = sum(w * v.astype(np.float64) for v, w in pairs)
+    return np.rint(acc / total).astype(dt)
+
+
+def ref_average(models, weights=None, int_policy="max"):
+    models = list(models)
+    weights = [1.0] * len(models) if weights is None else list(weights)
+    flats = [ref_flatten(m) for m in models]
+    return ref_unflatten({p: ref_average_leaf([f[p] for f in flats], weights, int_policy)
+                          for p in flats[0]})
+
+
+def ref_weighted_variance(values, weights):
+    """Weighted population variance ``sum w (x - mean)^2 / sum w`` in float64."""
+    x = np.stack([np.asarray(v, np.float64) for v in values])
+    w = np.asarray(weights, np.float64).reshape((-1,) + (1,) * (x.ndim - 1))
+    mean = (w * x).sum(0) / w.sum()
+    return (w * (x - mean) ** 2).sum(0) / w.sum()
+
+
+def ref_ema(values, decay):
+    """Closed form of the EMA started at the first value:
+    ``e_n = d^(n-1) x_1 + sum_{k>=2} (1 - d) d^(n-k) x_k`` (float64)."""
+    n = len(values)
+    x = [np.asarray(v, np.float64) for v in values]
+    out = decay ** (n - 1) * x[0]
+    for k in range(1, n):
+        out = out + (1 - decay) * decay ** (n - 1 - k) * x[k]
+    return out
+
+
+def ref_cyclical_lr(step, base_lr, max_lr, step_size, mode="triangular", gamma=1.0):
+    """Smith (2017), Algorithm 1, as written in the paper (symmetric cycle)."""
+    cycle = np.floor(1 + step / (2 * step_size))
+    x = abs(step / step_size - 2 * cycle + 1)
+    if mode == "triangular":
+        scale = 1.0
+    elif mode == "triangular2":
+        scale = 1 / 2.0 ** (cycle - 1)
+    else:
+        scale = gamma**step
+    return base_lr + (max_lr - base_lr) * max(0.0, 1 - x) * scale

@@ -72,147 +72,116 @@ def _signature(op: str, in_dt: str, out_dt: str):
 
 @kernel_family("averaging")
 def averaging_kernel(key):
-    """Build the fused averaging kernel for ``key = (op, in_dtype, out_dtype, parallel)``."""
+    """Build the fused averaging kernel for ``key = (op, in_dtype, out_dtype, parallel)``.
+
+    Each kernel loops over blocks of ``CHUNK`` elements with ``prange`` (a plain loop over one
+    block when not parallel).  The closures capture only plain values (``par``, ``chunk``, the
+    output scalar type), so Numba's on-disk cache, which keys closures on what they capture,
+    can store every variant; ``par`` is read in the body so the serial and parallel twins never
+    share a cache entry.
+    """
     op, in_dt, out_dt, parallel = key
     sig = _signature(op, in_dt, out_dt)
+    par = bool(parallel)
     chunk = CHUNK
     outcast = np.float32 if out_dt == "float32" else np.float64
-    opts = dict(cache=True, nogil=True, error_model="numpy")
+    opts = dict(cache=True, nogil=True, error_model="numpy", parallel=par)
 
-    # One range-body per op; the driver below runs it serially or over prange'd chunks.
     if op == "init":
 
-        @numba.njit(inline="always", **opts)
-        def body(lo, hi, x, w, acc):
-            for i in range(lo, hi):
-                acc[i] = w * np.float64(x[i])
-
+        @numba.njit(sig, **opts)
+        def kern(x, w, acc):
+            n = x.size
+            blk = chunk if par else max(n, 1)
+            for c in prange((n + blk - 1) // blk):
+                lo = c * blk
+                for i in range(lo, min(lo + blk, n)):
+                    acc[i] = w * np.float64(x[i])
 
     elif op == "add":
 
-        @numba.njit(inline="always", **opts)
-        def body(lo, hi, x, w, acc):
-            for i in range(lo, hi):
-                acc[i] += w * np.float64(x[i])
-
+        @numba.njit(sig, **opts)
+        def kern(x, w, acc):
+            n = x.size
+            blk = chunk if par else max(n, 1)
+            for c in prange((n + blk - 1) // blk):
+                lo = c * blk
+                for i in range(lo, min(lo + blk, n)):
+                    acc[i] += w * np.float64(x[i])
 
     elif op == "ema":
 
-        @numba.njit(inline="always", **opts)
-        def body(lo, hi, x, alpha, e):
-            for i in range(lo, hi):
-                e[i] += alpha * (np.float64(x[i]) - e[i])
-
+        @numba.njit(sig, **opts)
+        def kern(x, alpha, e):
+            n = x.size
+            blk = chunk if par else max(n, 1)
+            for c in prange((n + blk - 1) // blk):
+                lo = c * blk
+                for i in range(lo, min(lo + blk, n)):
+                    e[i] += alpha * (np.float64(x[i]) - e[i])
 
     elif op == "final":
 
-        @numba.njit(inline="always", **opts)
-        def body(lo, hi, acc, total, out):
-            for i in range(lo, hi):
-                out[i] = outcast(acc[i] / total)
-
+        @numba.njit(sig, **opts)
+        def kern(acc, total, out):
+            n = acc.size
+            blk = chunk if par else max(n, 1)
+            for c in prange((n + blk - 1) // blk):
+                lo = c * blk
+                for i in range(lo, min(lo + blk, n)):
+                    out[i] = outcast(acc[i] / total)
 
     elif op == "copy":
 
-        @numba.njit(inline="always", **opts)
-        def body(lo, hi, acc, out):
-            for i in range(lo, hi):
-                out[i] = outcast(acc[i])
-
+        @numba.njit(sig, **opts)
+        def kern(acc, out):
+            n = acc.size
+            blk = chunk if par else max(n, 1)
+            for c in prange((n + blk - 1) // blk):
+                lo = c * blk
+                for i in range(lo, min(lo + blk, n)):
+                    out[i] = outcast(acc[i])
 
     elif op == "add_final":
 
-        @numba.njit(inline="always", **opts)
-        def body(lo, hi, acc, x, w, total, out):
-            for i in range(lo, hi):
-                out[i] = outcast((acc[i] + w * np.float64(x[i])) / total)
-
+        @numba.njit(sig, **opts)
+        def kern(acc, x, w, total, out):
+            n = acc.size
+            blk = chunk if par else max(n, 1)
+            for c in prange((n + blk - 1) // blk):
+                lo = c * blk
+                for i in range(lo, min(lo + blk, n)):
+                    out[i] = outcast((acc[i] + w * np.float64(x[i])) / total)
 
     elif op == "welford":
 
-        @numba.njit(inline="always", **opts)
-        def body(lo, hi, x, w, total, mean, m2):
+        @numba.njit(sig, **opts)
+        def kern(x, w, total, mean, m2):
+            n = x.size
             r = w / total
-            for i in range(lo, hi):
-                xi = np.float64(x[i])
-                d = xi - mean[i]
-                mi = mean[i] + r * d
-                mean[i] = mi
-                m2[i] += w * d * (xi - mi)
-
+            blk = chunk if par else max(n, 1)
+            for c in prange((n + blk - 1) // blk):
+                lo = c * blk
+                for i in range(lo, min(lo + blk, n)):
+                    xi = np.float64(x[i])
+                    d = xi - mean[i]
+                    mi = mean[i] + r * d
+                    mean[i] = mi
+                    m2[i] += w * d * (xi - mi)
 
     else:  # ema_var
 
-        @numba.njit(inline="always", **opts)
-        def body(lo, hi, x, alpha, e, v):
+        @numba.njit(sig, **opts)
+        def kern(x, alpha, e, v):
+            n = x.size
             beta = 1.0 - alpha
-            for i in range(lo, hi):
-                d = np.float64(x[i]) - e[i]
-                e[i] += alpha * d
-                v[i] = beta * (v[i] + alpha * d * d)
-
-
-    arity = len(sig.args)
-    if parallel:
-        if arity == 2:
-
-            @numba.njit(sig, parallel=True, **opts)
-            def kern(a, b):
-                nchunks = (a.size + chunk - 1) // chunk
-                for c in prange(nchunks):
-                    lo = c * chunk
-                    body(lo, min(lo + chunk, a.size), a, b)
-
-        elif arity == 3:
-
-            @numba.njit(sig, parallel=True, **opts)
-            def kern(a, b, c3):
-                nchunks = (a.size + chunk - 1) // chunk
-                for c in prange(nchunks):
-                    lo = c * chunk
-                    body(lo, min(lo + chunk, a.size), a, b, c3)
-
-        elif arity == 4:
-
-            @numba.njit(sig, parallel=True, **opts)
-            def kern(a, b, c3, d):
-                nchunks = (a.size + chunk - 1) // chunk
-                for c in prange(nchunks):
-                    lo = c * chunk
-                    body(lo, min(lo + chunk, a.size), a, b, c3, d)
-
-        else:
-
-            @numba.njit(sig, parallel=True, **opts)
-            def kern(a, b, c3, d, e):
-                nchunks = (a.size + chunk - 1) // chunk
-                for c in prange(nchunks):
-                    lo = c * chunk
-                    body(lo, min(lo + chunk, a.size), a, b, c3, d, e)
-
-    elif arity == 2:
-
-        @numba.njit(sig, **opts)
-        def kern(a, b):
-            body(0, a.size, a, b)
-
-    elif arity == 3:
-
-        @numba.njit(sig, **opts)
-        def kern(a, b, c3):
-            body(0, a.size, a, b, c3)
-
-    elif arity == 4:
-
-        @numba.njit(sig, **opts)
-        def kern(a, b, c3, d):
-            body(0, a.size, a, b, c3, d)
-
-    else:
-
-        @numba.njit(sig, **opts)
-        def kern(a, b, c3, d, e):
-            body(0, a.size, a, b, c3, d, e)
+            blk = chunk if par else max(n, 1)
+            for c in prange((n + blk - 1) // blk):
+                lo = c * blk
+                for i in range(lo, min(lo + blk, n)):
+                    d = np.float64(x[i]) - e[i]
+                    e[i] += alpha * d
+                    v[i] = beta * (v[i] + alpha * d * d)
 
     return kern
 
