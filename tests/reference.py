@@ -193,3 +193,182 @@ def ref_cyclical_lr(step, base_lr, max_lr, step_size, mode="triangular", gamma=1
     else:
         scale = gamma**step
     return base_lr + (max_lr - base_lr) * max(0.0, 1 - x) * scale
+
+
+# ============================================================================================
+# GEMM (qgemm.gemm): raw u8 x s8 product, zero-point correction, output stages
+
+
+def ref_matmul_u8s8(a, w, saturate=False):
+    """``a [M, K] (uint8) @ w[N, K].T (int8)`` in int64.
+
+    ``saturate``: FBGEMM's AVX2 arithmetic -- each pair of products ``(k, k+1)`` for even ``k``
+    (``vpmaddubsw``) is clamped to int16 before the int32 sum.
+    """
+    a = np.asarray(a, np.int64)
+    w = np.asarray(w, np.int64)
+    if not saturate:
+        return a @ w.T
+    m, k = a.shape
+    n = w.shape[0]
+    kp = k + (k & 1)
+    ap = np.zeros((m, kp), np.int64)
+    wp = np.zeros((n, kp), np.int64)
+    ap[:, :k] = a
+    wp[:, :k] = w
+    pairs = (ap[:, None, :] * wp[None, :, :]).reshape(m, n, kp // 2, 2).sum(axis=-1)
+    return np.clip(pairs, -32768, 32767).sum(axis=-1)
+
+
+def ref_gemm_corrected(a, a_zp, w, w_zp, saturate=False):
+    """``sum_k (a - a_zp)(w - w_zp)`` through FBGEMM's row/column-offset formula (int64)."""
+    a = np.asarray(a, np.int64)
+    w = np.asarray(w, np.int64)
+    w_zp = np.broadcast_to(np.asarray(w_zp, np.int64), (w.shape[0],))
+    k = a.shape[1]
+    raw = ref_matmul_u8s8(a, w, saturate)
+    return (raw - int(a_zp) * w.sum(axis=1)[None, :] - a.sum(axis=1)[:, None] * w_zp[None, :]
+            + k * int(a_zp) * w_zp[None, :])
+
+
+def _split_bias(bias, n):
+    if bias is None:
+        return np.zeros(n, np.int64), np.zeros(n, np.float32)
+    bias = np.asarray(bias)
+    if bias.dtype == np.int32:
+        return bias.astype(np.int64), np.zeros(n, np.float32)
+    return np.zeros(n, np.int64), bias.astype(np.float32)
+
+
+def ref_output_float(raw, a_scale, w_scale, bias=None, relu=False):
+    """FBGEMM ``ReQuantizeForFloat`` in float32: ``raw * a_scale * w_scale[j] + bias[j]``.
+    An int32 bias is added to ``raw`` (accumulator units) instead."""
+    raw = np.asarray(raw, np.int64)
+    ib, fb = _split_bias(bias, raw.shape[1])
+    w_scale = np.broadcast_to(np.asarray(w_scale, np.float32), (raw.shape[1],))
+    f = (raw + ib[None, :]).astype(np.float32) * np.float32(a_scale) * w_scale[None, :]
+    f = f + fb[None, :]
+    return np.maximum(f, np.float32(0)) if relu else f
+
+
+def ref_output_requant(raw, a_scale, w_scale, c_scale, c_zp, bias=None, relu=False, qmax=255):
+    """FBGEMM ``ReQuantizeOutput`` in float32, round half to even:
+    ``clamp(rint((raw + bias / (a_s * w_s)) * (a_s * w_s / c_s)) + c_zp, relu ? c_zp : 0, qmax)``
+    (an int32 bias is added to ``raw`` instead)."""
+    raw = np.asarray(raw, np.int64)
+    n = raw.shape[1]
+    ib, fb = _split_bias(bias, n)
+    w_scale = np.broadcast_to(np.asarray(w_scale, np.float32), (n,))
+    ab = np.float32(a_scale) * w_scale
+    mult = ab / np.float32(c_scale)
+    raw_f = (raw + ib[None, :]).astype(np.float32) + (fb / ab)[None, :]
+    q = np.rint(raw_f * mult[None, :]) + np.float32(c_zp)
+    return np.clip(q, c_zp if relu else 0, qmax).astype(np.uint8)
+
+
+def ref_linear_dynamic(x, w, w_scale, w_zp, bias=None, relu=False, reduce_range=False,
+                       saturate=False):
+    """Dynamic quantized linear: per-tensor uint8 activations from ``x``'s range (FBGEMM's
+    ChooseQuantizationParams), int GEMM, float output stage.  ``w`` int8 codes ``[N, K]``."""
+    x = np.asarray(x, np.float32)
+    x = x.reshape(int(np.prod(x.shape[:-1])), np.shape(w)[1])
+    qmax = 127 if reduce_range else 255
+    lo = float(x.min()) if x.size else 0.0
+    hi = float(x.max()) if x.size else 0.0
+    scale, zp = ref_choose_qparams_fbgemm(lo, hi, 0, qmax)
+    xq = ref_quantize(x, scale, zp, 0, qmax, np.uint8)
+    raw = ref_gemm_corrected(xq, zp, w, w_zp, saturate)
+    return ref_output_float(raw, scale, w_scale, bias, relu)
+
+
+# ============================================================================================
+# Model averaging (qgemm.averaging)
+
+
+def ref_flatten(tree, prefix=()):
+    """Nested mapping -> {path tuple: leaf}, in traversal order."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(ref_flatten(v, (*prefix, k)))
+        else:
+            out[(*prefix, k)] = v
+    return out
+
+
+def ref_unflatten(flat):
+    out = {}
+    for path, v in flat.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return out
+
+
+def ref_average_leaf(values, weights, int_policy="max"):
+    """Weighted average of one leaf over models, as qgemm.average defines it: models with zero
+    weight are ignored; floats as float64 ``(w0 x0 + w1 x1 + ...) / sum(w)`` left to right,
+    rounded once to the dtype; integers by ``int_policy``."""
+    pairs = [(np.asarray(v), float(w)) for v, w in zip(values, weights, strict=True)
+             if float(w) > 0]
+    dt = pairs[0][0].dtype
+    total = sum(w for _, w in pairs)
+    if dt.kind == "f":
+        acc = None
+        for v, w in pairs:
+            term = w * v.astype(np.float64)
+            acc = term if acc is None else acc + term
+        return (acc / total).astype(dt)
+    if int_policy == "first":
+        return pairs[0][0].copy()
+    if int_policy == "max":
+        out = pairs[0][0]
+        for v, _ in pairs[1:]:
+            out = np.maximum(out, v)
+        return out.astype(dt)
+    if int_policy == "sum":
+        exact = sum(v.astype(object) for v, _ in pairs)  # Python ints: the caller checks range
+        return np.asarray(exact, dtype=object).astype(dt)
+    acc = sum(w * v.astype(np.float64) for v, w in pairs)
+    return np.rint(acc / total).astype(dt)
+
+
+def ref_average(models, weights=None, int_policy="max"):
+    models = list(models)
+    weights = [1.0] * len(models) if weights is None else list(weights)
+    flats = [ref_flatten(m) for m in models]
+    return ref_unflatten({p: ref_average_leaf([f[p] for f in flats], weights, int_policy)
+                          for p in flats[0]})
+
+
+def ref_weighted_variance(values, weights):
+    """Weighted population variance ``sum w (x - mean)^2 / sum w`` in float64."""
+    x = np.stack([np.asarray(v, np.float64) for v in values])
+    w = np.asarray(weights, np.float64).reshape((-1,) + (1,) * (x.ndim - 1))
+    mean = (w * x).sum(0) / w.sum()
+    return (w * (x - mean) ** 2).sum(0) / w.sum()
+
+
+def ref_ema(values, decay):
+    """Closed form of the EMA started at the first value:
+    ``e_n = d^(n-1) x_1 + sum_{k>=2} (1 - d) d^(n-k) x_k`` (float64)."""
+    n = len(values)
+    x = [np.asarray(v, np.float64) for v in values]
+    out = decay ** (n - 1) * x[0]
+    for k in range(1, n):
+        out = out + (1 - decay) * decay ** (n - 1 - k) * x[k]
+    return out
+
+
+def ref_cyclical_lr(step, base_lr, max_lr, step_size, mode="triangular", gamma=1.0):
+    """Smith (2017), Algorithm 1, as written in the paper (symmetric cycle)."""
+    cycle = np.floor(1 + step / (2 * step_size))
+    x = abs(step / step_size - 2 * cycle + 1)
+    if mode == "triangular":
+        scale = 1.0
+    elif mode == "triangular2":
+        scale = 1 / 2.0 ** (cycle - 1)
+    else:
+        scale = gamma**step
+    return base_lr + (max_lr - base_lr) * max(0.0, 1 - x) * scale

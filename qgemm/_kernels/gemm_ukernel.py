@@ -88,7 +88,9 @@ def _emit_tile(builder, module, a_base, lda, b_base, bstride, kgroups, c_base, r
         bk = builder.gep(b_base, [builder.mul(k, bstride)])
         bv = []
         for v in range(nv):
-            p = builder.bitcast(builder.gep(bk, [ir.Constant(_I64, v * vbytes)]), acc_t.as_pointer())
+            p = builder.bitcast(
+                builder.gep(bk, [ir.Constant(_I64, v * vbytes)]), acc_t.as_pointer()
+            )
             bv.append(builder.load(p, align=1))
         k4 = builder.mul(k, ir.Constant(_I64, 4))
         for r in range(rows):
@@ -108,7 +110,9 @@ def _emit_tile(builder, module, a_base, lda, b_base, bstride, kgroups, c_base, r
                     builder.store(builder.add(acc, t), accs[r][v])
             else:
                 lo = builder.and_(a32, ir.Constant(_I32, 0x7F7F7F7F))
-                hi = builder.and_(builder.lshr(a32, ir.Constant(_I32, 7)), ir.Constant(_I32, 0x01010101))
+                hi = builder.and_(
+                    builder.lshr(a32, ir.Constant(_I32, 7)), ir.Constant(_I32, 0x01010101)
+                )
                 avl = builder.bitcast(_splat(builder, lo, acc_t), b8_t)
                 avh = builder.bitcast(_splat(builder, hi, acc_t), b8_t)
                 for v in range(nv):
@@ -141,8 +145,14 @@ def ukr(typingctx, a, a_off, lda, b, b_off, bstride, kgroups, c, mr, MR, NV, VAR
         raise TypingError(f"ukr: b must be an int8 array, got {b}")
     if not (isinstance(c, types.Array) and c.dtype == types.int32):
         raise TypingError(f"ukr: c must be an int32 array, got {c}")
-    for name, t in (("a_off", a_off), ("lda", lda), ("b_off", b_off), ("bstride", bstride),
-                    ("kgroups", kgroups), ("mr", mr)):
+    for name, t in (
+        ("a_off", a_off),
+        ("lda", lda),
+        ("b_off", b_off),
+        ("bstride", bstride),
+        ("kgroups", kgroups),
+        ("mr", mr),
+    ):
         if not isinstance(t, types.Integer):
             raise TypingError(f"ukr: {name} must be an integer, got {t}")
     mr_max = MR.literal_value
@@ -165,8 +175,19 @@ def ukr(typingctx, a, a_off, lda, b, b_off, bstride, kgroups, c, mr, MR, NV, VAR
             bb = fn.append_basic_block(f"ukr.rows{rows}")
             sw.add_case(ir.Constant(_I64, rows), bb)
             builder.position_at_end(bb)
-            _emit_tile(builder, module, a_base, ints[2], b_base, ints[5], ints[6], c_base,
-                       rows, nv, variant)
+            _emit_tile(
+                builder,
+                module,
+                a_base,
+                ints[2],
+                b_base,
+                ints[5],
+                ints[6],
+                c_base,
+                rows,
+                nv,
+                variant,
+            )
             builder.branch(end)
         builder.position_at_end(end)
         return context.get_dummy_value()

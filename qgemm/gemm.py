@@ -1,0 +1,734 @@
+"""Packed uint8 x int8 GEMM with a fused output stage -- qgemm's FBGEMM ``fbgemmPacked``.
+
+Weights are quantized (if float) and packed once with :func:`pack_weight`; the GEMM then
+accumulates ``uint8 activations x int8 weights`` in int32 and applies the whole output stage
+in the same pass (FBGEMM's output pipeline)::
+
+    raw[i, j]  = sum_k x_q[i, k] * w_q[j, k]                          (int32)
+    raw[i, j] -= x_zp * colsum[j] + rowsum[i] * w_zp[j] - K * x_zp * w_zp[j]
+    float out  = raw * x_scale * w_scale[j] + bias[j]       (then max(0, .) with relu)
+    uint8 out  = clamp(rint((raw + bias[j] / (x_scale * w_scale[j]))
+                             * (x_scale * w_scale[j] / out_scale)) + out_zp,
+                       out_zp if relu else 0, 255)
+
+all in float32 with round-half-to-even (FBGEMM's ``ReQuantizeForFloat`` and
+``ReQuantizeOutput``; an int32 bias is added to ``raw`` before the conversion instead).
+
+Precision
+---------
+Results are **exact int32 on every CPU by default**.  AVX2's ``vpmaddubsw`` adds two
+``u8 x s8`` products into a *saturating* int16, so FBGEMM's numbers differ between AVX2 and
+VNNI machines.  qgemm's AVX2 path uses ``vpmaddubsw`` only when saturation is provably
+impossible -- ``255 * max(|w[k]| + |w[k+1]|) <= 32767`` over the weight pairs (e.g. weights
+packed with ``reduce_range=True``), or the activations' maximum times that pair bound fits
+(e.g. 7-bit activations) -- and an exact split path (about 0.6x as fast) otherwise;
+``saturate=True`` reproduces FBGEMM's AVX2 numbers bit for bit on any CPU.  AVX-512 VNNI's
+``vpdpbusd`` is exact and is used whenever the CPU has it.  The path is chosen by
+:func:`qgemm.get_isa` (``QGEMM_ISA`` / :func:`qgemm.set_isa`).
+
+Limits: ``K <= 65793`` for symmetric weights and ``K <= 33025`` with weight zero points (the
+largest ``K`` whose worst-case dot product fits int32); larger ``K`` raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import _config
+from ._kernels.gemm import gemm_kernel
+from ._validate import as_array, check_choice, check_finite, check_int, check_out
+from .quantize import QParams, choose_qparams, quantize
+
+__all__ = ["PackedWeight", "pack_weight", "linear", "quantized_linear", "matmul_u8s8"]
+
+_INT32_MAX = 2**31 - 1
+_INT16_MAX = 32767
+_GRANULARITIES = ("tensor", "channel", "group")
+# Problems below this many multiply-adds run on the serial twin of a kernel (a parallel
+# region costs a few microseconds to start; measured on 2 cores).
+_PARALLEL_MIN_MACS = 1 << 18
+_VNNI_TILES = {64: (6, 4), 16: (8, 1)}
+
+
+def _panel_width(n: int) -> int:
+    """Output columns per packed panel: 64, or 16 for narrow layers (less zero padding)."""
+    return 64 if n > 16 else 16
+
+
+def _aligned_empty(nbytes: int, align: int = 64) -> np.ndarray:
+    """An int8 buffer of ``nbytes`` whose data starts on an ``align``-byte boundary."""
+    raw = np.empty(nbytes + align, np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off : off + nbytes].view(np.int8)
+
+
+class PackedWeight:
+    """Int8 weights ``[N, K]`` packed for :func:`quantized_linear`, :func:`linear` and
+    :func:`matmul_u8s8`; made by :func:`pack_weight`.
+
+    Holds the packed codes (64-byte aligned panels of 64 output columns x groups of 4 ``k``),
+    per-column sums, and per-column scales and zero points (per-tensor and per-group
+    parameters are expanded to one entry per output column).
+
+    Attributes
+    ----------
+    shape : tuple of int
+        ``(N, K)``: output features x input features (``nn.Linear`` convention).
+    qparams : QParams
+        The weight's quantization parameters (int8, per tensor or along axis 0).
+    granularity : {"tensor", "channel", "group"}
+    scale : ndarray of float32, shape (N,)
+        Per-output-column scale.
+    zero_point : ndarray of int32, shape (N,)
+        Per-output-column zero point (all 0 for symmetric weights).
+    """
+
+    __slots__ = (
+        "shape",
+        "qparams",
+        "granularity",
+        "scale",
+        "zero_point",
+        "_packed",
+        "_np",
+        "_kg",
+        "_colc",
+        "_has_bzp",
+        "_pairmax",
+        "_zi",
+        "_zf",
+        "_bscale",
+        "_bzp",
+        "_smax",
+        "__weakref__",
+    )
+
+    def __init__(self, codes: np.ndarray, qparams: QParams):
+        n, k = codes.shape
+        self.shape = (int(n), int(k))
+        self.qparams = qparams
+        self.granularity = qparams.granularity
+        scale, zp = qparams.channel_params(n)
+        self._smax = np.float32(scale.max()) if n else np.float32(0)
+        self._bscale = scale  # private, writeable (Numba types read-only arrays apart)
+        self._bzp = zp
+        self.scale = scale.view()
+        self.zero_point = zp.view()
+        self.scale.setflags(write=False)
+        self.zero_point.setflags(write=False)
+        npw = _panel_width(n)
+        kg = -(-k // 4)
+        npan = -(-n // npw) if n else 0
+        padded = np.zeros((npan * npw, kg * 4), np.int8)
+        padded[:n, :k] = codes
+        packed = _aligned_empty(padded.size)
+        packed.reshape(npan, kg, npw, 4)[...] = padded.reshape(npan, npw, kg, 4).transpose(
+            0, 2, 1, 3
+        )
+        self._packed = packed
+        self._np = npw
+        self._kg = kg
+        colsum = codes.sum(axis=1, dtype=np.int64) - np.int64(k) * zp.astype(np.int64)
+        self._colc = ((colsum + 2**31) % 2**32 - 2**31).astype(np.int32)  # int32 wrap
+        self._has_bzp = bool(np.any(zp))
+        if padded.size:
+            pairs = np.abs(padded.astype(np.int16)).reshape(-1, 2).sum(axis=1)
+            self._pairmax = int(pairs.max())
+        else:
+            self._pairmax = 0
+        self._zi = np.zeros(n, np.int32)
+        self._zf = np.zeros(n, np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: packed codes plus the per-column arrays."""
+        return int(
+            self._packed.nbytes
+            + self._colc.nbytes
+            + self.scale.nbytes
+            + self.zero_point.nbytes
+            + self._zi.nbytes
+            + self._zf.nbytes
+        )
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.int8)
+
+    def unpack(self) -> np.ndarray:
+        """The int8 codes ``[N, K]`` (a fresh array): the exact inverse of packing.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from qgemm import QParams
+        >>> from qgemm.gemm import pack_weight
+        >>> w = np.arange(-6, 6, dtype=np.int8).reshape(3, 4)
+        >>> pw = pack_weight(w, qparams=QParams(0.1, 0, dtype="int8"))
+        >>> bool(np.array_equal(pw.unpack(), w))
+        True
+        """
+        n, k = self.shape
+        npan = -(-n // self._np) if n else 0
+        p = self._packed.reshape(npan, self._kg, self._np, 4).transpose(0, 2, 1, 3)
+        return np.ascontiguousarray(p.reshape(npan * self._np, self._kg * 4)[:n, :k])
+
+    def dequantize(self) -> np.ndarray:
+        """Float32 weights ``(codes - zero_point) * scale``, shape ``[N, K]``."""
+        codes = self.unpack().astype(np.int32) - self.zero_point[:, None]
+        return codes.astype(np.float32) * self.scale[:, None]
+
+    def __repr__(self) -> str:
+        return (
+            f"PackedWeight(shape={self.shape}, granularity={self.granularity!r}, "
+            f"nbytes={self.nbytes})"
+        )
+
+
+def pack_weight(
+    w: Any,
+    *,
+    qparams: QParams | None = None,
+    granularity: str | None = None,
+    group_size: int | None = None,
+    reduce_range: bool = False,
+) -> PackedWeight:
+    """Quantize (if needed) and pack a weight matrix ``[N, K]`` (out x in) for the GEMM.
+
+    Parameters
+    ----------
+    w : ndarray, float32 or int8, shape (N, K)
+        Float32 weights are quantized here to int8 (symmetric: ``scale = max|w| / 127`` per
+        output channel, exactly ``choose_qparams(w, dtype="int8", symmetric=True, axis=0)``).
+        Int8 weights are taken as codes and need ``qparams``.
+    qparams : QParams, optional
+        Int8 quantization parameters of ``w``: per tensor, or along axis 0 (per output
+        channel, or per group of ``group_size`` output channels).  Required for int8 ``w``;
+        with float ``w`` they are used instead of the symmetric choice.
+    granularity : {"channel", "tensor", "group"}, optional
+        Scale granularity for float ``w`` (default ``"channel"``); taken from ``qparams`` when
+        given (passing a different one is an error).
+    group_size : int, optional
+        Output channels per group for ``granularity="group"`` (must divide ``N``).
+    reduce_range : bool
+        Quantize float weights to 7 bits (``[-63, 63]``, scale ``max|w| / 63``): the AVX2
+        ``vpmaddubsw`` path is then exact with full-range activations.  For int8 ``w`` it only
+        checks that the codes lie in ``[-64, 63]``.
+
+    Returns
+    -------
+    PackedWeight
+
+    Notes
+    -----
+    Packing is one pass of numpy copies (about 0.1 ms for 1024 x 1024).  The weight is
+    validated here so that the GEMM calls need not: ``K`` must keep the worst-case dot product
+    within int32 (``K <= 65793`` symmetric, ``K <= 33025`` with zero points).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from qgemm.gemm import pack_weight
+    >>> w = np.array([[0.5, -1.0], [0.25, 0.125]], np.float32)
+    >>> pw = pack_weight(w)
+    >>> pw.shape, pw.granularity
+    ((2, 2), 'channel')
+    >>> pw.unpack()
+    array([[  64, -127],
+           [ 127,   64]], dtype=int8)
+    """
+    w = as_array("w", w, dtypes=(np.float32, np.int8), ndim=2)
+    if qparams is not None and not isinstance(qparams, QParams):
+        raise TypeError(f"qparams: expected QParams or None, got {type(qparams).__name__}")
+    if not isinstance(reduce_range, (bool, np.bool_)):
+        raise TypeError(f"reduce_range: expected a bool, got {type(reduce_range).__name__}")
+    if granularity is not None:
+        check_choice("granularity", granularity, _GRANULARITIES)
+    n, k = w.shape
+    if qparams is None:
+        if w.dtype == np.int8:
+            raise ValueError(
+                "qparams: int8 weights need their quantization parameters, got None "
+                "(pass qparams=QParams(scale, zero_point, dtype='int8', ...))"
+            )
+        gran = granularity or "channel"
+        if gran == "group":
+            if group_size is None:
+                raise ValueError("group_size: granularity='group' needs a group_size, got None")
+            group_size = check_int("group_size", group_size, minimum=1)
+        elif group_size is not None:
+            raise ValueError(
+                f"group_size: only used with granularity='group', got {group_size!r} with "
+                f"granularity={gran!r}"
+            )
+        check_finite("w", w)
+        qparams = choose_qparams(
+            w,
+            dtype="int8",
+            symmetric=True,
+            axis=None if gran == "tensor" else 0,
+            group_size=group_size if gran == "group" else None,
+            reduce_range=bool(reduce_range),
+        )
+    else:
+        if qparams.dtype != "int8":
+            raise ValueError(f"qparams: expected int8 parameters, got dtype={qparams.dtype!r}")
+        if qparams.axis not in (None, 0):
+            raise ValueError(
+                f"qparams: expected per-tensor parameters or axis=0 (output channels), "
+                f"got axis={qparams.axis}"
+            )
+        if granularity is not None and granularity != qparams.granularity:
+            raise ValueError(
+                f"granularity: qparams are {qparams.granularity!r}, got {granularity!r}"
+            )
+        if group_size is not None and group_size != qparams.group_size:
+            raise ValueError(
+                f"group_size: qparams have group_size={qparams.group_size}, got {group_size!r}"
+            )
+        qparams.channel_params(n)  # raises ValueError on a length mismatch
+        if w.dtype == np.float32:
+            check_finite("w", w)
+    codes = quantize(w, qparams) if w.dtype == np.float32 else w
+    has_zp = bool(np.any(np.asarray(qparams.zero_point)))
+    kmax = _INT32_MAX // (255 * (255 if has_zp else 128))
+    if k > kmax:
+        raise ValueError(
+            f"w: K = {k} is too large for exact int32 accumulation (at most {kmax} "
+            f"{'with' if has_zp else 'without'} weight zero points)"
+        )
+    if reduce_range and codes.size and (codes.min() < -64 or codes.max() > 63):
+        raise ValueError(
+            f"w: reduce_range=True expects codes in [-64, 63], got [{codes.min()}, {codes.max()}]"
+        )
+    return PackedWeight(codes, qparams)
+
+
+# ------------------------------------------------------------------------------- dispatch
+
+
+def _choose_path(saturate: bool, npw: int) -> tuple[str, str, int, int, int]:
+    """(fast variant, exact variant, MR, NV, NR) for the current ISA."""
+    isa = _config.get_isa()
+    if saturate:
+        if isa == "portable":
+            return "portables", "portables", 4, 1, 16
+        return "avx2s", "avx2s", 4, 2, 16
+    if isa == "avx512vnni":
+        mr, nv = _VNNI_TILES[npw]
+        return "vnni", "vnni", mr, nv, 16 * nv
+    if isa == "avx2":
+        return "avx2", "avx2x", 4, 2, 16
+    return "portable", "portable", 4, 1, 16
+
+
+def _rows(x: np.ndarray, k: int) -> np.ndarray:
+    """``x [..., K]`` as 2-D ``[M, K]`` (a view when possible; works for K = 0)."""
+    if x.ndim == 2:
+        return x
+    m = 1
+    for d in x.shape[:-1]:
+        m *= d
+    return x.reshape(m, k)
+
+
+def _activation_rows(x: np.ndarray, k: int, kg: int) -> np.ndarray:
+    """``x`` as a 2-D uint8 ``[M, K]`` array whose rows can be read ``4 * kg`` bytes at a time
+    (a zero-padded copy when ``K`` is not a multiple of 4, the rows are not unit-stride or the
+    array is read-only)."""
+    x2 = _rows(x, k)
+    if (
+        (k & 3) == 0
+        and (k == 0 or x2.strides[1] == 1)
+        and x2.strides[0] >= 0
+        and x2.flags.writeable
+    ):
+        return x2
+    buf = np.zeros((x2.shape[0], kg * 4), np.uint8)
+    buf[:, :k] = x2
+    return buf
+
+
+def _run(
+    kind, a2, m, weight, saturate, a_zp, a_scale, ibias, fbias, c_scale, c_zp, relu, qmax, out2
+):
+    n, k = weight.shape
+    fast, exact, mr, nv, nr = _choose_path(saturate, weight._np)
+    macs = m * n * k
+    threads = _config.get_num_threads()
+    nct = -(-n // nr)
+    parallel = threads > 1 and macs >= _PARALLEL_MIN_MACS and (nct > 1 or m > mr)
+    if parallel:
+        _config.sync_threads()
+        nchunks = 1 if nct >= 4 * threads else -(-4 * threads // max(nct, 1))
+    else:
+        nchunks = 1
+    kern = gemm_kernel((kind, fast, exact, mr, nv, nr, parallel))
+    return kern(
+        a2,
+        m,
+        k,
+        weight._kg,
+        weight._packed,
+        n,
+        weight._np,
+        weight._colc,
+        weight._bzp,
+        weight._has_bzp,
+        a_zp,
+        a_scale,
+        weight._bscale,
+        ibias,
+        fbias,
+        c_scale,
+        c_zp,
+        relu,
+        weight._pairmax,
+        qmax,
+        nchunks,
+        out2,
+    )
+
+
+def _check_weight(weight: Any) -> PackedWeight:
+    if not isinstance(weight, PackedWeight):
+        raise TypeError(
+            f"weight: expected a PackedWeight (see qgemm.pack_weight), got {type(weight).__name__}"
+        )
+    return weight
+
+
+def _check_bias(bias: Any, n: int, dtypes) -> np.ndarray | None:
+    if bias is None:
+        return None
+    bias = as_array("bias", bias, dtypes=dtypes, ndim=1)
+    if bias.shape[0] != n:
+        raise ValueError(f"bias: expected length {n} (output features), got {bias.shape[0]}")
+    if not bias.flags.c_contiguous or not bias.flags.writeable:
+        bias = np.array(bias, order="C")
+    return bias
+
+
+def _check_bool(name: str, v: Any) -> bool:
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
+    return bool(v)
+
+
+def _input(name: str, x: Any, dtype: Any, k: int) -> np.ndarray:
+    if type(x) is not np.ndarray:
+        x = as_array(name, x)
+    if x.dtype != dtype:
+        as_array(name, x, dtypes=(dtype,))  # raises the standard TypeError
+    if x.ndim == 0:
+        raise ValueError(f"{name}: expected at least 1 dimension [..., K], got a 0-D array")
+    if x.shape[-1] != k:
+        raise ValueError(
+            f"{name}: expected last dimension K = {k} (weight.shape[1]), got shape {x.shape}"
+        )
+    return x
+
+
+def _output(out: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, dtype)
+    return check_out("out", out, shape, dtype)
+
+
+def _raise_bias(code: int) -> None:
+    j = -2 - code
+    raise ValueError(f"bias: expected finite values, got non-finite at index {j}")
+
+
+# ------------------------------------------------------------------------------- public API
+
+
+def quantized_linear(
+    x_q: Any,
+    x_qparams: QParams,
+    weight: PackedWeight,
+    bias: Any = None,
+    *,
+    relu: bool = False,
+    out_qparams: QParams | None = None,
+    saturate: bool = False,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Static quantized linear layer: ``uint8 x_q [..., K]`` times packed int8 weights.
+
+    With ``out_qparams`` the result is requantized to uint8 (FBGEMM's ``ReQuantizeOutput``);
+    otherwise it is dequantized to float32 (``ReQuantizeForFloat``).  See the module docstring
+    for the formulas; rounding is half to even.
+
+    Parameters
+    ----------
+    x_q : ndarray of uint8, shape (..., K)
+        Quantized activations (any strides; a copy is made only when rows are not unit-stride
+        or ``K`` is not a multiple of 4).
+    x_qparams : QParams
+        Per-tensor uint8 parameters of ``x_q``.
+    weight : PackedWeight
+    bias : ndarray of float32 or int32, shape (N,), optional
+        Float bias is added in real units; int32 bias in accumulator units
+        (``x_scale * w_scale[j]``), before the output conversion (FBGEMM's two bias types).
+    relu : bool
+        Fused ReLU (uint8 output: clamp at ``out_zp``).
+    out_qparams : QParams, optional
+        Per-tensor uint8 output parameters; requantized output when given.
+    saturate : bool
+        Reproduce FBGEMM's AVX2 int16 saturation (``vpmaddubsw``) bit for bit.
+    out : ndarray, optional
+        C-contiguous ``[..., N]`` buffer (uint8 with ``out_qparams``, else float32).
+
+    Returns
+    -------
+    ndarray, shape (..., N), uint8 or float32
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from qgemm import QParams
+    >>> from qgemm.gemm import pack_weight, quantized_linear
+    >>> pw = pack_weight(np.array([[1.0, -1.0], [0.5, 0.5]], np.float32))
+    >>> xq = np.array([[130, 132]], np.uint8)  # x = [1.0, 2.0]
+    >>> quantized_linear(xq, QParams(0.5, 128), pw)
+    array([[-1. ,  1.5]], dtype=float32)
+    >>> quantized_linear(xq, QParams(0.5, 128), pw, out_qparams=QParams(0.25, 0))
+    array([[0, 6]], dtype=uint8)
+    """
+    weight = _check_weight(weight)
+    n, k = weight.shape
+    x_q = _input("x_q", x_q, np.uint8, k)
+    if not isinstance(x_qparams, QParams):
+        raise TypeError(f"x_qparams: expected QParams, got {type(x_qparams).__name__}")
+    if x_qparams.dtype != "uint8" or x_qparams.axis is not None:
+        raise ValueError(f"x_qparams: expected per-tensor uint8 parameters, got {x_qparams!r}")
+    relu = _check_bool("relu", relu)
+    saturate = _check_bool("saturate", saturate)
+    bias = _check_bias(bias, n, (np.float32, np.int32))
+    a_scale = x_qparams.scale
+    if out_qparams is not None:
+        if not isinstance(out_qparams, QParams):
+            raise TypeError(
+                f"out_qparams: expected QParams or None, got {type(out_qparams).__name__}"
+            )
+        if out_qparams.dtype != "uint8" or out_qparams.axis is not None:
+            raise ValueError(
+                f"out_qparams: expected per-tensor uint8 parameters, got {out_qparams!r}"
+            )
+        kind, odt = "requant", np.uint8
+        c_scale, c_zp, qmax = out_qparams.scale, out_qparams.zero_point, out_qparams.qmax
+        with np.errstate(over="ignore"):
+            bad_scale = n and not np.isfinite(a_scale * weight._smax / c_scale)
+        if bad_scale:
+            raise ValueError(
+                "out_qparams: x_scale * w_scale / out_scale overflows float32; "
+                f"got out scale {float(c_scale)}"
+            )
+    else:
+        kind, odt = "float", np.float32
+        c_scale, c_zp, qmax = np.float32(1.0), np.int32(0), 255
+    out = _output(out, x_q.shape[:-1] + (n,), odt)
+    if bias is None:
+        ibias, fbias = weight._zi, weight._zf
+    elif bias.dtype == np.int32:
+        ibias, fbias = bias, weight._zf
+    else:
+        ibias, fbias = weight._zi, bias
+    a2 = _activation_rows(x_q, k, weight._kg)
+    m = a2.shape[0]
+    tmp = out if out.size == 0 or m == 0 else out.reshape(m, n)
+    if m == 0 or n == 0:
+        if bias is not None and fbias is bias:
+            check_finite("bias", bias)
+        return out
+    code = _run(
+        kind,
+        a2,
+        m,
+        weight,
+        saturate,
+        x_qparams.zero_point,
+        a_scale,
+        ibias,
+        fbias,
+        c_scale,
+        c_zp,
+        relu,
+        qmax,
+        tmp,
+    )
+    if code != -1:
+        _raise_bias(code)
+    return out
+
+
+def linear(
+    x: Any,
+    weight: PackedWeight,
+    bias: Any = None,
+    *,
+    relu: bool = False,
+    reduce_range: bool | None = None,
+    saturate: bool = False,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Dynamically quantized linear layer: float32 ``x [..., K]`` -> float32 ``[..., N]``.
+
+    Per call, ``x`` is quantized to uint8 per tensor with parameters chosen from its range
+    (FBGEMM's ``ChooseQuantizationParams``, exactly :func:`qgemm.choose_qparams`), multiplied
+    by the packed int8 weights with int32 accumulation, and dequantized with bias and ReLU
+    fused -- one kernel call, like FBGEMM's ``PackAWithQuantRowOffset`` + ``ReQuantizeForFloat``
+    (torch's ``quantized::linear_dynamic``).
+
+    Parameters
+    ----------
+    x : ndarray of float32, shape (..., K)
+        Must be finite (a non-finite value raises ``ValueError`` and nothing is written).
+    weight : PackedWeight
+    bias : ndarray of float32, shape (N,), optional
+    relu : bool
+    reduce_range : bool, optional
+        Quantize activations to 7 bits (``[0, 127]``).  ``None`` (default) chooses per path:
+        7 bits on the AVX2 path when the weights could saturate ``vpmaddubsw`` (so the fast
+        path stays exact; costs about 1 bit of activation precision, as PyTorch's x86 default),
+        full 8 bits otherwise (VNNI and portable paths are exact and fast at 8 bits).  Pass a
+        bool to get the same numbers on every CPU.
+    saturate : bool
+        Reproduce FBGEMM's AVX2 int16 saturation (only matters with 8-bit activations).
+    out : ndarray of float32, optional
+        C-contiguous ``[..., N]`` buffer.
+
+    Returns
+    -------
+    ndarray of float32, shape (..., N)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from qgemm.gemm import linear, pack_weight
+    >>> w = np.array([[1.0, 2.0], [-1.0, 0.5]], np.float32)
+    >>> y = linear(np.array([[1.0, 1.0]], np.float32), pack_weight(w), relu=True)
+    >>> np.round(y, 1)
+    array([[3., 0.]], dtype=float32)
+    """
+    weight = _check_weight(weight)
+    n, k = weight.shape
+    x = _input("x", x, np.float32, k)
+    relu = _check_bool("relu", relu)
+    saturate = _check_bool("saturate", saturate)
+    if reduce_range is None:
+        reduce_range = (
+            not saturate and _config.get_isa() == "avx2" and weight._pairmax * 255 > _INT16_MAX
+        )
+    else:
+        reduce_range = _check_bool("reduce_range", reduce_range)
+    bias = _check_bias(bias, n, (np.float32,))
+    fbias = weight._zf if bias is None else bias
+    out = _output(out, x.shape[:-1] + (n,), np.float32)
+    x2 = _rows(x, k)
+    if not x2.flags.writeable:
+        x2 = np.array(x2)
+    m = x2.shape[0]
+    if m == 0 or n == 0:
+        check_finite("x", x)
+        if bias is not None:
+            check_finite("bias", bias)
+        return out
+    qmax = 127 if reduce_range else 255
+    code = _run(
+        "dynamic",
+        x2,
+        m,
+        weight,
+        saturate,
+        np.int32(0),
+        np.float32(1.0),
+        weight._zi,
+        fbias,
+        np.float32(1.0),
+        np.int32(0),
+        relu,
+        qmax,
+        out.reshape(m, n),
+    )
+    if code >= 0:
+        pos = np.unravel_index(code, x.shape)
+        pos_s = int(pos[0]) if len(pos) == 1 else tuple(int(i) for i in pos)
+        raise ValueError(f"x: expected finite values, got {x[pos]} at index {pos_s}")
+    if code != -1:
+        _raise_bias(code)
+    return out
+
+
+def matmul_u8s8(a: Any, b: Any, *, saturate: bool = False, out: np.ndarray | None = None):
+    """Raw int32 product of uint8 ``a [M, K]`` and int8 weights.
+
+    ``b`` is either a plain int8 ``[K, N]`` matrix (numpy orientation: ``a @ b``; packed on
+    the fly) or a :class:`PackedWeight` (then ``a @ w.T`` over its int8 codes, ignoring its
+    scales and zero points).  No output stage: for building your own epilogue, and testing.
+
+    Parameters
+    ----------
+    a : ndarray of uint8, shape (M, K)
+    b : ndarray of int8, shape (K, N), or PackedWeight of shape (N, K)
+    saturate : bool
+        Reproduce FBGEMM's AVX2 int16 saturation bit for bit.
+    out : ndarray of int32, optional
+        C-contiguous ``[M, N]`` buffer.
+
+    Returns
+    -------
+    ndarray of int32, shape (M, N)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from qgemm.gemm import matmul_u8s8
+    >>> a = np.array([[255, 255]], np.uint8)
+    >>> b = np.array([[127], [127]], np.int8)
+    >>> matmul_u8s8(a, b), matmul_u8s8(a, b, saturate=True)
+    (array([[64770]], dtype=int32), array([[32767]], dtype=int32))
+    """
+    saturate = _check_bool("saturate", saturate)
+    if isinstance(b, PackedWeight):
+        weight = b
+        n, k = weight.shape
+    else:
+        b = as_array("b", b, dtypes=(np.int8,), ndim=2)
+        k, n = b.shape
+        kmax = _INT32_MAX // (255 * 128)
+        if k > kmax:
+            raise ValueError(
+                f"b: K = {k} is too large for exact int32 accumulation (at most {kmax})"
+            )
+        weight = None
+    a = as_array("a", a, dtypes=(np.uint8,), ndim=2)
+    if a.shape[1] != k:
+        raise ValueError(f"a: expected shape (M, {k}) to match b's K = {k}, got shape {a.shape}")
+    m = a.shape[0]
+    out = _output(out, (m, n), np.int32)
+    if weight is None:
+        weight = PackedWeight(b.T, QParams(1.0, 0, dtype="int8"))
+    if m == 0 or n == 0:
+        return out
+    a2 = _activation_rows(a, k, weight._kg)
+    _run(
+        "raw",
+        a2,
+        m,
+        weight,
+        saturate,
+        np.int32(0),
+        np.float32(1.0),
+        weight._zi,
+        weight._zf,
+        np.float32(1.0),
+        np.int32(0),
+        False,
+        255,
+        out,
+    )
+    return out
