@@ -372,3 +372,51 @@ def ref_cyclical_lr(step, base_lr, max_lr, step_size, mode="triangular", gamma=1
     else:
         scale = gamma**step
     return base_lr + (max_lr - base_lr) * max(0.0, 1 - x) * scale
+
+
+# ============================================================================================
+# DLRM forward (issue 6): written independently of qgemm.models -- float64, explicit loops
+# over bags and feature pairs, facebookresearch/dlrm's semantics.
+
+
+def ref_dlrm_forward(bottom, top, tables, dense, indices, offsets, self_interaction=False):
+    """Click probabilities ``[B, top_out]`` (float64) of a DLRM: bottom MLP (ReLU after every
+    layer), sum-pooled bags (``offsets`` torch-style, or None with 2-D fixed-size ``indices``),
+    dot interaction over ``[x, e_0, ..., e_{T-1}]`` taking pairs ``(i, j)``, ``j < i`` (``j <= i``
+    with ``self_interaction``) in row-major order, concatenated after ``x``; top MLP (ReLU after
+    every layer but the last), sigmoid.  ``bottom``/``top``: lists of (W [out, in], b)."""
+
+    def mlp(layers, h, relu_last):
+        for n, (w, b) in enumerate(layers):
+            h = h @ np.asarray(w, np.float64).T
+            if b is not None:
+                h = h + np.asarray(b, np.float64)
+            if relu_last or n < len(layers) - 1:
+                h = np.maximum(h, 0.0)
+        return h
+
+    dense = np.asarray(dense, np.float64)
+    batch = dense.shape[0]
+    x = mlp(bottom, dense, True)
+    feats = [x]
+    for k, table in enumerate(tables):
+        tab = np.asarray(table, np.float64)
+        idx = np.asarray(indices[k])
+        pooled = np.zeros((batch, tab.shape[1]))
+        for b in range(batch):
+            if offsets is None:
+                bag = idx[b]
+            else:
+                start = int(offsets[k][b])
+                stop = int(offsets[k][b + 1]) if b + 1 < batch else len(idx)
+                bag = idx[start:stop]
+            for r in bag:
+                pooled[b] += tab[int(r)]
+        feats.append(pooled)
+    cols = [x]
+    for i in range(len(feats)):
+        for j in range(i + 1 if self_interaction else i):
+            cols.append(np.sum(feats[i] * feats[j], axis=1, keepdims=True))
+    z = np.concatenate(cols, axis=1)
+    logits = mlp(top, z, False)
+    return 1.0 / (1.0 + np.exp(-logits))

@@ -1,0 +1,149 @@
+"""Kernels of the DLRM model (:mod:`qgemm.models`): the fused dot-product feature interaction
+and a fast, counter-based random table initialiser.
+
+``interaction_kernel((self_interaction, fastmath))``
+    ``kern(x, emb, out)``: ``x`` float32 ``[B, d]`` (bottom-MLP output), ``emb`` float32
+    ``[T, B, d]`` (the pooled embeddings, table-major so every table's bag output is one
+    contiguous block), ``out`` float32 ``[B, d + P]``.  Writes ``out[b, :d] = x[b]`` followed by
+    the ``P`` pairwise dot products of the ``n = T + 1`` feature vectors ``f_0 = x[b]``,
+    ``f_{k+1} = emb[k, b]`` in the order of facebookresearch/dlrm (``for i in range(n): for j in
+    range(i + self_interaction): dot(f_i, f_j)``, i.e. the strictly lower triangle of
+    ``F F^T`` row by row, plus the diagonal when ``self_interaction``).  This is DLRM's
+    ``cat -> bmm -> tril gather -> cat`` in one pass, parallel over the batch.  Float32
+    accumulation (reassociated under qgemm's fast-math flags so LLVM vectorises the dot).
+
+``fill_uniform_kernel(())``
+    ``kern(out, seed, lo, width)``: fills float32 ``out[rows, cols]`` with
+    ``lo + width * u``, ``u`` uniform in ``[0, 1)`` from SplitMix64 of the element's flat
+    position plus a seed-derived offset.  Counter-based, so the result does not depend on the
+    thread count; parallel over rows.  Generating a 1M x 64 table takes ~0.1 s on two cores
+    against ~1 s for numpy's ``Generator.random``.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import prange, types
+
+from .._cache import kernel_family
+
+__all__ = ["interaction_kernel", "fill_uniform_kernel", "check_bags_kernel", "splitmix64"]
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+@numba.njit(types.uint64(types.uint64), cache=True, nogil=True, inline="always")
+def splitmix64(z):  # pragma: no cover - compiled
+    """One SplitMix64 output for counter ``z`` (Steele, Lea & Flood 2014)."""
+    z = z + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+@kernel_family("dlrm_interaction")
+def interaction_kernel(key):
+    """Fused DLRM dot interaction; key ``(self_interaction: bool, fastmath: bool | frozenset)``."""
+    self_interaction, fastmath = key
+    if not isinstance(fastmath, bool):
+        fastmath = set(fastmath)  # numba wants a bool, dict or set
+    extra = 1 if self_interaction else 0
+    sig = types.void(
+        types.float32[:, ::1], types.float32[:, :, ::1], types.float32[:, ::1]
+    )
+
+    @numba.njit(sig, parallel=True, cache=True, nogil=True, fastmath=fastmath)
+    def kern(x, emb, out):  # pragma: no cover - compiled
+        batch, d = x.shape
+        n = emb.shape[0] + 1
+        for b in prange(batch):
+            for t in range(d):
+                out[b, t] = x[b, t]
+            p = d
+            for i in range(n):
+                for j in range(i + extra):
+                    acc = np.float32(0.0)
+                    if i == 0:  # only with self_interaction: <x, x>
+                        for t in range(d):
+                            acc += x[b, t] * x[b, t]
+                    elif j == 0:
+                        for t in range(d):
+                            acc += emb[i - 1, b, t] * x[b, t]
+                    else:
+                        for t in range(d):
+                            acc += emb[i - 1, b, t] * emb[j - 1, b, t]
+                    out[b, p] = acc
+                    p += 1
+
+    return kern
+
+
+@kernel_family("dlrm_fill_uniform")
+def fill_uniform_kernel(key):
+    """Counter-based uniform float32 fill; key ``()``."""
+    del key
+    sig = types.void(types.float32[:, ::1], types.uint64, types.float32, types.float32)
+
+    @numba.njit(sig, parallel=True, cache=True, nogil=True)
+    def kern(out, seed, lo, width):  # pragma: no cover - compiled
+        rows, cols = out.shape
+        base = splitmix64(seed)
+        scale = np.float32(1.0 / 16777216.0)  # 2**-24
+        for i in prange(rows):
+            ctr = base + np.uint64(i) * np.uint64(cols)
+            for j in range(cols):
+                z = splitmix64(ctr + np.uint64(j))
+                u = np.float32(z >> np.uint64(40)) * scale  # 24 random bits -> [0, 1)
+                out[i, j] = lo + width * u
+
+    return kern
+
+
+# Error codes of check_bags_kernel, returned as (code, position, value).
+BAGS_OK = 0
+BAGS_BAD_INDEX = 1
+BAGS_BAD_FIRST_OFFSET = 2
+BAGS_DECREASING_OFFSET = 3
+BAGS_OFFSET_PAST_END = 4
+
+
+@kernel_family("dlrm_check_bags")
+def check_bags_kernel(key):
+    """Validate one table's bags in a single pass; key ``(index dtype, offsets dtype)`` names.
+
+    ``kern(indices, offsets, rows) -> (code, position, value)``: offsets (torch convention,
+    possibly empty) must start at 0, never decrease and not pass ``len(indices)``; every index
+    must be in ``[0, rows)``.  Code 0 is success, the others are the ``BAGS_*`` constants.
+    """
+    idx_name, off_name = key
+    idx_t = types.Array(getattr(types, idx_name), 1, "C")
+    off_t = types.Array(getattr(types, off_name), 1, "C")
+    sig = types.UniTuple(types.int64, 3)(idx_t, off_t, types.int64)
+
+    @numba.njit(sig, cache=True, nogil=True)
+    def kern(indices, offsets, rows):  # pragma: no cover - compiled
+        n = indices.shape[0]
+        bags = offsets.shape[0]
+        if bags > 0:
+            if offsets[0] != 0:
+                return (BAGS_BAD_FIRST_OFFSET, 0, np.int64(offsets[0]))
+            for b in range(1, bags):
+                if offsets[b] < offsets[b - 1]:
+                    return (BAGS_DECREASING_OFFSET, b, np.int64(offsets[b]))
+            if offsets[bags - 1] > n:
+                return (BAGS_OFFSET_PAST_END, bags - 1, np.int64(offsets[bags - 1]))
+        bad = 0
+        for i in range(n):  # branch-free scan (vectorises); locate only on failure
+            v = np.int64(indices[i])
+            bad |= (v < 0) | (v >= rows)
+        if bad:
+            for i in range(n):
+                v = np.int64(indices[i])
+                if v < 0 or v >= rows:
+                    return (BAGS_BAD_INDEX, i, v)
+        return (BAGS_OK, 0, 0)
+
+    return kern

@@ -1,0 +1,108 @@
+"""``python -m qgemm`` (the main job): tiny configurations through a real subprocess, and the
+argument parsing in process."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+
+import pytest
+
+from qgemm import cli
+
+TINY = ["--rows", "1000", "--tables", "3", "--dim", "8", "--bottom", "5-16", "--top", "12-1",
+        "--batch", "16", "--batches", "4", "--seconds", "0.05", "--rounds", "1"]
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(
+    not (_importable("qgemm.gemm") and _importable("qgemm.embedding")),
+    reason="the main job needs qgemm.gemm (issue 3) and qgemm.embedding (issue 4)",
+)
+
+
+def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qgemm", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def json_run():
+    return run_cli(*TINY, "--json", "--bits", "4")
+
+
+def test_json_output_parses(json_run):
+    assert json_run.returncode == 0, json_run.stderr
+    doc = json.loads(json_run.stdout)  # stdout is exactly one JSON document
+    for model in ("float32", "int8"):
+        for part in ("embedding", "mlp", "interaction", "latency", "throughput"):
+            assert doc[model][part] >= 0
+        assert doc[model]["calls"] >= 3
+        assert 0.99 < sum(doc[model]["share"].values()) < 1.01
+    assert doc["float32"]["engine"] == "numpy" and doc["int8"]["engine"] == "qgemm"
+    assert set(doc["speedup"]) == {"embedding", "mlp", "interaction", "total"}
+    assert doc["speedup"]["total"] > 0
+    assert doc["memory"]["int8_bytes"] < doc["memory"]["float32_bytes"]
+    acc = doc["accuracy"]
+    assert acc["predictions"] == 4 * 16
+    assert 0 <= acc["mean_abs_diff"] <= acc["max_abs_diff"] <= 0.1
+    assert 0 <= acc["topk_overlap"] <= 1 and 0 <= acc["top1_agreement"] <= 1
+    cfg = doc["config"]
+    assert cfg["bits"] == 4 and cfg["bottom"] == [5, 16, 8] and cfg["top"] == [8 + 6, 12, 1]
+    assert set(doc["build_seconds"]) == {"model", "quantize", "click_log", "warmup"}
+
+
+def test_text_report_and_progress():
+    out = run_cli(*TINY, "--threads", "1")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    for needle in ("float32 (numpy)", "int8 (qgemm)", "latency, median", "embedding", "mlp",
+                   "interaction", "memory", "|Δ prediction|", "top-10 per batch", "1 threads"):
+        assert needle in text, needle
+    assert "[" in out.stderr and "round 1/1" in out.stderr  # the progress bar is on stderr
+
+
+def test_help_lists_options():
+    out = run_cli("--help", timeout=60)
+    assert out.returncode == 0
+    for opt in ("--batch", "--tables", "--rows", "--dim", "--bits", "--threads", "--json",
+                "--seed", "--pooling", "--seconds", "--batches"):
+        assert opt in out.stdout, opt
+
+
+def test_parser_defaults_and_errors():
+    parser = cli.build_parser()
+    args = parser.parse_args([])
+    assert (args.batch, args.tables, args.rows, args.dim, args.bits) == (128, 8, 1_000_000, 64,
+                                                                          8)
+    assert args.bottom == [13, 512, 256] and args.top == [512, 256, 1]
+    for bad in (["--bits", "3"], ["--batch", "0"], ["--top", "5-x"], ["--seconds", "-1"]):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args(bad)
+        assert exc.value.code == 2
+
+
+def test_in_process_json(capsys):
+    code = cli.main([*TINY, "--json", "--no-progress", "--batches", "2"])
+    assert code == 0
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert doc["config"]["batches"] == 2
+    assert captured.err == ""  # --no-progress: nothing on stderr
+
+
+def test_too_many_threads(capsys):
+    import numba
+
+    code = cli.main([*TINY, "--threads", str(numba.config.NUMBA_NUM_THREADS + 1)])
+    assert code == 2
+    assert "--threads" in capsys.readouterr().err
