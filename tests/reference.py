@@ -420,3 +420,59 @@ def ref_dlrm_forward(bottom, top, tables, dense, indices, offsets, self_interact
     z = np.concatenate(cols, axis=1)
     logits = mlp(top, z, False)
     return 1.0 / (1.0 + np.exp(-logits))
+
+
+# ============================================================================================
+# Embedding bags (qgemm.embedding): float64, one Python loop per bag, torch's semantics.
+
+
+def ref_embedding_bag(table, indices, offsets=None, lengths=None, mode="sum", weights=None,
+                      include_last_offset=False, padding_idx=None):
+    """Pool rows of a dense float ``table`` (dequantize a quantized one first) over bags.
+
+    Bags: 2-D ``indices`` = fixed-size bags; else ``offsets`` (torch, with
+    ``include_last_offset``) or ``lengths`` (Caffe2).  Rows equal to ``padding_idx``
+    (negative counts from the end) are skipped and not counted by the mean; empty bags are 0.
+    Returns float64 ``[bags, dim]``.
+    """
+    tab = np.asarray(table, np.float64)
+    rows, dim = tab.shape
+    idx = np.asarray(indices)
+    w = None if weights is None else np.asarray(weights, np.float64).reshape(-1)
+    if idx.ndim == 2:
+        bounds = [(b * idx.shape[1], (b + 1) * idx.shape[1]) for b in range(idx.shape[0])]
+        idx = idx.reshape(-1)
+    elif lengths is not None:
+        ends = np.cumsum(np.asarray(lengths, np.int64))
+        bounds = [(int(e - n), int(e)) for e, n in zip(ends, lengths, strict=True)]
+    else:
+        offs = [int(o) for o in offsets]
+        if include_last_offset:
+            bounds = [(offs[b], offs[b + 1]) for b in range(len(offs) - 1)]
+        else:
+            bounds = [(o, offs[b + 1] if b + 1 < len(offs) else len(idx))
+                      for b, o in enumerate(offs)]
+    pad = None if padding_idx is None else padding_idx % rows
+    out = np.zeros((len(bounds), dim))
+    for b, (start, stop) in enumerate(bounds):
+        picked = [(k, int(idx[k])) for k in range(start, stop) if int(idx[k]) != pad]
+        if not picked:
+            continue
+        vals = np.stack([tab[r] * (1.0 if w is None else w[k]) for k, r in picked])
+        if mode == "sum":
+            out[b] = vals.sum(axis=0)
+        elif mode == "mean":
+            out[b] = vals.sum(axis=0) / len(picked)
+        else:
+            out[b] = vals.max(axis=0)
+    return out
+
+
+def ref_embedding_bag_tolerance(table, indices, offsets=None, lengths=None, weights=None,
+                                include_last_offset=False):
+    """Absolute error bound per output element of a float32 sum: 2e-6 times the sum of the
+    magnitudes it adds (float32 accumulation in any order), plus a tiny floor."""
+    mag = ref_embedding_bag(np.abs(np.asarray(table, np.float64)), indices, offsets, lengths,
+                            "sum", None if weights is None else np.abs(weights),
+                            include_last_offset)
+    return 2e-6 * mag + 1e-6

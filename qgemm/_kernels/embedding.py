@@ -40,6 +40,7 @@ from llvmlite import ir
 from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+from numba.np.arrayobj import populate_array
 
 from .._cache import kernel_family
 from .._config import fastmath_flags
@@ -50,6 +51,8 @@ KINDS = ("float32", "float16", "rowwise8", "rowwise4", "rowwise2")
 MODES = ("sum", "mean", "max")
 PREFETCH = 16
 """Prefetch distance, in indices (FBGEMM's default)."""
+PREFETCH_ALL_LINES = True
+"""Prefetch every cache line of the upcoming row (False: its first line only)."""
 
 # Error codes returned by the kernels as (code, position, value).
 OK = 0
@@ -132,6 +135,59 @@ def prefetch(typingctx, arr, byte_offset):
     return sig, codegen
 
 
+@intrinsic
+def row_view(typingctx, arr, start, length):
+    """``arr[start:start + length]`` of a 1-D contiguous array without the slice's bounds
+    arithmetic or reference counting.  Only for ranges already validated to be inside
+    ``arr`` (and for the lifetime of ``arr``)."""
+    if not isinstance(arr, types.Array) or arr.ndim != 1:
+        return None
+    arrty = types.Array(arr.dtype, 1, "C")
+
+    def codegen(context, builder, signature, args):
+        src = context.make_array(signature.args[0])(context, builder, args[0])
+        ary = context.make_array(arrty)(context, builder)
+        ptr = builder.gep(src.data, [args[1]])
+        itemsize = context.get_constant(types.intp, context.get_abi_sizeof(
+            context.get_data_type(arr.dtype)))
+        populate_array(
+            ary, data=ptr, shape=[args[2]], strides=[itemsize], itemsize=itemsize, meminfo=None
+        )
+        return ary._getvalue()
+
+    return arrty(arr, types.intp, types.intp), codegen
+
+
+@intrinsic
+def stack_array(typingctx, size):
+    """A float32 array of ``size`` (a compile-time constant) elements on the stack of the
+    calling function (an ``alloca`` in its entry block), uninitialised.
+
+    The accumulator of a bag: LLVM knows it aliases nothing, so once the row loop is unrolled
+    it lives in vector registers (an accumulator in ``out`` would be loaded and stored back for
+    every row)."""
+    if not isinstance(size, types.IntegerLiteral):
+        return None
+    n = max(int(size.literal_value), 1)
+    arrty = types.Array(types.float32, 1, "C")
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(arrty)(context, builder)
+        ptr = cgutils.alloca_once(builder, ir.FloatType(), size=n)
+        itemsize = context.get_constant(types.intp, 4)
+        populate_array(
+            ary,
+            data=ptr,
+            shape=[context.get_constant(types.intp, n)],
+            strides=[itemsize],
+            itemsize=itemsize,
+            meminfo=None,
+        )
+        return ary._getvalue()
+
+    return arrty(size), codegen
+
+
 # -- the kernel family ---------------------------------------------------------------------------
 _INT = {"int32": numba.int32, "int64": numba.int64}
 _TABLE = {
@@ -141,16 +197,23 @@ _TABLE = {
     "rowwise4": numba.uint8,
     "rowwise2": numba.uint8,
 }
+MAX_SPECIALISED_DIM = 1024
+
+
+def specialised_dim(dim: int) -> int:
+    """The ``dim`` entry of the key: ``dim`` itself for the usual embedding sizes (multiples of
+    8 up to :data:`MAX_SPECIALISED_DIM`, which get register accumulators), else 0 (generic)."""
+    return dim if 0 < dim <= MAX_SPECIALISED_DIM and dim % 8 == 0 else 0
 
 
 def signature(key):
     """Numba signature of the kernel for ``key``."""
-    _isa, kind, idx_name, off_name, _by, _mode, _w, _dim, _par = key
+    kind, idx_name, off_name = key[1], key[2], key[3]
     return types.UniTuple(types.int64, 3)(
-        _TABLE[kind][::1],  # table, flat (row r starts at r * row_stride)
-        types.int64,  # row_stride (elements of table)
+        _TABLE[kind][::1],  # table, flat (row r starts at element r * row_stride)
+        types.int64,  # row_stride, in elements of table
         types.int64,  # rows
-        types.int64,  # dim (run time; ignored when specialised)
+        types.int64,  # dim (run time; must equal the key's dim when specialised)
         _INT[idx_name][::1],  # indices
         _INT[off_name][::1],  # offsets or lengths
         types.int64,  # bags
@@ -164,29 +227,46 @@ def signature(key):
 def embedding_bag_kernel(key):
     """Key ``(isa, kind, index dtype, offsets dtype, bags_by, mode, weighted, dim, parallel)``;
     see the module docstring.  The ISA is part of the key so that each path gets its own
-    compiled copy; the code itself is plain loops LLVM vectorises for the host."""
+    compiled copy; the code itself is plain loops that LLVM vectorises for the host."""
     isa, kind, idx_name, off_name, bags_by, mode, weighted, dim_c, parallel = key
     if kind not in KINDS or mode not in MODES or bags_by not in ("offsets", "lengths"):
         raise ValueError(f"embedding_bag kernel: bad key {key!r}")
+    # Compile-time constants of this kernel (numba freezes closure variables).
     KIND = kind
     BY_LENGTHS = bags_by == "lengths"
-    MODE_SUM = mode == "sum"
     MODE_MEAN = mode == "mean"
     MODE_MAX = mode == "max"
     WEIGHTED = bool(weighted)
     DIM = int(dim_c)
-    PF = PREFETCH
-    LINE = _CACHE_LINE
     QUANT = kind.startswith("rowwise")
     BITS = {"rowwise8": 8, "rowwise4": 4, "rowwise2": 2}.get(kind, 32)
+    PER = 8 // BITS if BITS < 8 else 1  # codes per byte
+    MASK = (1 << BITS) - 1 if BITS < 8 else 255
     ITEM = {"float32": 4, "float16": 2}.get(kind, 1)  # bytes per table element
+    # Accumulator layout: float and 8-bit tables accumulate element j at acc[j]; 4/2-bit tables
+    # accumulate "bit planes" (code p of byte j at acc[p * code_bytes + j]) so that every row
+    # update is a contiguous, vectorisable loop; the planes are interleaved once per bag.
+    CB = (DIM * BITS + 7) // 8 if QUANT else DIM  # code bytes per row (0: run time)
+    ACC = CB * PER if QUANT else DIM
+    PF = PREFETCH
+    PF_ALL = PREFETCH_ALL_LINES
+    LINE = _CACHE_LINE
     loop = prange if parallel else range
     sig = signature(key)
+    fastmath = fastmath_flags()
+    if not isinstance(fastmath, bool):
+        fastmath = set(fastmath)  # numba wants a set, not a frozenset
 
-    @numba.njit(sig, parallel=bool(parallel), cache=True, nogil=True, fastmath=fastmath_flags())
+    @numba.njit(sig, parallel=bool(parallel), cache=True, nogil=True, fastmath=fastmath)
     def embedding_bag(table, row_stride, rows, dim_rt, indices, offs, bags, weights, pad, out):
         n = indices.size
         dim = DIM if DIM > 0 else dim_rt
+        if QUANT:
+            cb = CB if DIM > 0 else (dim * BITS + 7) // 8
+            need = cb + (8 if BITS == 8 else 4)  # bytes read per row
+        else:
+            cb = dim
+            need = dim * ITEM
         row_bytes = row_stride * ITEM
         # ---- validation: nothing below reads a row or writes out before this passes ----
         n_offs = offs.size
@@ -228,7 +308,7 @@ def embedding_bag_kernel(key):
                     v = np.int64(indices[i])
                     if v < 0 or v >= rows:
                         return (BAD_INDEX, i, v)
-        # ---- compute ----
+        # ---- compute: one bag per iteration ----
         for b in loop(bags):
             if BY_LENGTHS:
                 s = starts[b]
@@ -236,141 +316,118 @@ def embedding_bag_kernel(key):
             else:
                 s = np.int64(offs[b])
                 e = np.int64(offs[b + 1]) if b + 1 < n_offs else n
+            orow = out[b]
+            if DIM > 0:
+                acc = stack_array(ACC)
+            elif QUANT and BITS < 8:
+                acc = np.empty(cb * PER, np.float32)
+            else:
+                acc = orow
+            na = cb * PER if QUANT else dim
             if not MODE_MAX:
-                for j in range(dim):
-                    out[b, j] = np.float32(0.0)
+                for j in range(na):
+                    acc[j] = np.float32(0.0)
             cnt = 0
             for k in range(s, e):
-                kp = min(k + PF, n - 1)
-                pbase = np.int64(indices[kp]) * row_bytes
-                for c in range(0, row_bytes, LINE):
-                    prefetch(table, pbase + c)
-                r = np.int64(indices[k])
+                if PF > 0:
+                    kp = np.uint64(min(k + PF, n - 1))
+                    pfirst = np.int64(indices[kp]) * row_bytes
+                    prefetch(table, pfirst)
+                    if PF_ALL:  # every line of [pfirst, pfirst + need): need is a constant
+                        for c in range(LINE, need, LINE):
+                            prefetch(table, pfirst + c)
+                        if need > LINE:
+                            prefetch(table, pfirst + need - 1)
+                r = np.int64(indices[np.uint64(k)])
                 if r == pad:
                     continue
                 base = r * row_stride
+                first = MODE_MAX and cnt == 0
+                cnt += 1
                 if WEIGHTED:
-                    w = weights[k]
+                    w = weights[np.uint64(k)]
                 else:
                     w = np.float32(1.0)
                 if QUANT:
                     if BITS == 8:
-                        cb = dim
                         sc = load_f32(table, base + cb)
                         bi = load_f32(table, base + cb + 4)
                     else:
-                        per = 8 // BITS
-                        cb = (dim + per - 1) // per
                         sc = load_f16(table, base + cb)
                         bi = load_f16(table, base + cb + 2)
                     if WEIGHTED:
                         sc = sc * w
                         bi = bi * w
-                    if BITS == 8:
-                        if MODE_MAX:
-                            if cnt == 0:
-                                for j in range(dim):
-                                    out[b, j] = sc * np.float32(table[base + j]) + bi
-                            else:
-                                for j in range(dim):
-                                    out[b, j] = max(
-                                        out[b, j], sc * np.float32(table[base + j]) + bi
-                                    )
+                    row = row_view(table, base, cb)
+                    for p in range(PER):
+                        plane = acc[p * cb : (p + 1) * cb]
+                        shift = np.uint8(p * BITS)
+                        if first:
+                            for j in range(cb):
+                                code = (row[j] >> shift) & np.uint8(MASK)
+                                plane[j] = sc * np.float32(code) + bi
+                        elif MODE_MAX:
+                            for j in range(cb):
+                                code = (row[j] >> shift) & np.uint8(MASK)
+                                plane[j] = max(plane[j], sc * np.float32(code) + bi)
                         else:
-                            for j in range(dim):
-                                out[b, j] += sc * np.float32(table[base + j]) + bi
-                    elif BITS == 4:
-                        half = dim // 2
-                        for j in range(half):
-                            byte = table[base + j]
-                            v0 = sc * np.float32(byte & np.uint8(15)) + bi
-                            v1 = sc * np.float32(byte >> np.uint8(4)) + bi
-                            if MODE_MAX:
-                                if cnt == 0:
-                                    out[b, 2 * j] = v0
-                                    out[b, 2 * j + 1] = v1
-                                else:
-                                    out[b, 2 * j] = max(out[b, 2 * j], v0)
-                                    out[b, 2 * j + 1] = max(out[b, 2 * j + 1], v1)
-                            else:
-                                out[b, 2 * j] += v0
-                                out[b, 2 * j + 1] += v1
-                        if dim % 2:
-                            byte = table[base + half]
-                            v0 = sc * np.float32(byte & np.uint8(15)) + bi
-                            if MODE_MAX and cnt > 0:
-                                out[b, dim - 1] = max(out[b, dim - 1], v0)
-                            elif MODE_MAX:
-                                out[b, dim - 1] = v0
-                            else:
-                                out[b, dim - 1] += v0
-                    else:
-                        quarter = dim // 4
-                        for j in range(quarter):
-                            byte = table[base + j]
-                            v0 = sc * np.float32(byte & np.uint8(3)) + bi
-                            v1 = sc * np.float32((byte >> np.uint8(2)) & np.uint8(3)) + bi
-                            v2 = sc * np.float32((byte >> np.uint8(4)) & np.uint8(3)) + bi
-                            v3 = sc * np.float32(byte >> np.uint8(6)) + bi
-                            if MODE_MAX:
-                                if cnt == 0:
-                                    out[b, 4 * j] = v0
-                                    out[b, 4 * j + 1] = v1
-                                    out[b, 4 * j + 2] = v2
-                                    out[b, 4 * j + 3] = v3
-                                else:
-                                    out[b, 4 * j] = max(out[b, 4 * j], v0)
-                                    out[b, 4 * j + 1] = max(out[b, 4 * j + 1], v1)
-                                    out[b, 4 * j + 2] = max(out[b, 4 * j + 2], v2)
-                                    out[b, 4 * j + 3] = max(out[b, 4 * j + 3], v3)
-                            else:
-                                out[b, 4 * j] += v0
-                                out[b, 4 * j + 1] += v1
-                                out[b, 4 * j + 2] += v2
-                                out[b, 4 * j + 3] += v3
-                        for j in range(4 * quarter, dim):
-                            byte = table[base + quarter]
-                            v0 = sc * np.float32((byte >> np.uint8(2 * (j - 4 * quarter)))
-                                                 & np.uint8(3)) + bi
-                            if MODE_MAX and cnt > 0:
-                                out[b, j] = max(out[b, j], v0)
-                            elif MODE_MAX:
-                                out[b, j] = v0
-                            else:
-                                out[b, j] += v0
+                            for j in range(cb):
+                                code = (row[j] >> shift) & np.uint8(MASK)
+                                plane[j] += sc * np.float32(code) + bi
                 else:
-                    if MODE_MAX:
-                        if cnt == 0:
+                    row = row_view(table, base, dim)
+                    if KIND == "float16":
+                        if first:
                             for j in range(dim):
-                                if KIND == "float16":
-                                    out[b, j] = half_to_float(table[base + j])
-                                else:
-                                    out[b, j] = table[base + j]
+                                acc[j] = half_to_float(row[j])
+                        elif MODE_MAX:
+                            for j in range(dim):
+                                acc[j] = max(acc[j], half_to_float(row[j]))
+                        elif WEIGHTED:
+                            for j in range(dim):
+                                acc[j] += w * half_to_float(row[j])
                         else:
                             for j in range(dim):
-                                if KIND == "float16":
-                                    out[b, j] = max(out[b, j], half_to_float(table[base + j]))
-                                else:
-                                    out[b, j] = max(out[b, j], table[base + j])
-                    elif WEIGHTED:
-                        for j in range(dim):
-                            if KIND == "float16":
-                                out[b, j] += w * half_to_float(table[base + j])
-                            else:
-                                out[b, j] += w * table[base + j]
+                                acc[j] += half_to_float(row[j])
                     else:
-                        for j in range(dim):
-                            if KIND == "float16":
-                                out[b, j] += half_to_float(table[base + j])
-                            else:
-                                out[b, j] += table[base + j]
-                cnt += 1
-            if MODE_MEAN and cnt > 1:
-                for j in range(dim):
-                    out[b, j] = out[b, j] / np.float32(cnt)
+                        if first:
+                            for j in range(dim):
+                                acc[j] = row[j]
+                        elif MODE_MAX:
+                            for j in range(dim):
+                                acc[j] = max(acc[j], row[j])
+                        elif WEIGHTED:
+                            for j in range(dim):
+                                acc[j] += w * row[j]
+                        else:
+                            for j in range(dim):
+                                acc[j] += row[j]
+            # ---- finish the bag: mean, empty max bags, planes -> elements ----
             if MODE_MAX and cnt == 0:
+                for j in range(na):
+                    acc[j] = np.float32(0.0)
+            scale = np.float32(1.0)
+            if MODE_MEAN and cnt > 1:
+                scale = np.float32(1.0) / np.float32(cnt)
+            if QUANT and BITS < 8:
+                for p in range(PER):
+                    for j in range(cb):
+                        d = j * PER + p
+                        if d < dim:
+                            if MODE_MEAN:
+                                orow[d] = acc[p * cb + j] * scale
+                            else:
+                                orow[d] = acc[p * cb + j]
+            elif DIM > 0:
+                if MODE_MEAN:
+                    for j in range(dim):
+                        orow[j] = acc[j] * scale
+                else:
+                    for j in range(dim):
+                        orow[j] = acc[j]
+            elif MODE_MEAN:
                 for j in range(dim):
-                    out[b, j] = np.float32(0.0)
+                    orow[j] *= scale
         return (OK, 0, 0)
 
     return embedding_bag

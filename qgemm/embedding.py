@@ -1,0 +1,345 @@
+"""Pooled embedding lookups (embedding bags) over float and rowwise-quantized tables.
+
+The job of FBGEMM's ``EmbeddingSpMDM`` kernels, exposed by PyTorch as
+``torch.nn.functional.embedding_bag`` (float tables) and
+``torch.ops.quantized.embedding_bag_{byte,4bit,2bit}_rowwise_offsets`` (quantized tables):
+for every bag (one sample's categorical feature) gather a handful of rows of a large table and
+reduce them (sum, mean or max).
+
+Semantics follow ``torch.nn.functional.embedding_bag`` wherever torch defines them (bags by
+``offsets`` with ``offsets[0] == 0`` and ``include_last_offset``; a 2-D ``indices`` means
+fixed-size bags; ``per_sample_weights`` with ``mode="sum"`` only; rows equal to
+``padding_idx`` are skipped and not counted by the mean; empty bags give zeros), with these
+differences, all deliberate:
+
+* ``mode`` is honoured for quantized tables too (torch's quantized ops silently return the sum
+  for "mean" and "max", pytorch#106105); a quantized row is dequantized on the fly
+  (``code * scale + bias``, in float32) and then reduced like a float row.
+* Bags can also be given by ``lengths`` (Caffe2's convention; they must add up to the number of
+  indices).
+* Everything is validated before anything is computed: a bad index raises ``IndexError``
+  naming its position and value; bad offsets or lengths raise ``ValueError`` naming the
+  position; ``out`` is left untouched by a failed call.  Every index is checked, including
+  indices after the final offset that no bag uses (torch checks them too).
+* With ``padding_idx`` and ``include_last_offset``, torch 2.13 adds the indices after
+  ``offsets[-1]`` to the last bag (sum and mean); here, as documented for
+  ``include_last_offset``, bags end at ``offsets[-1]`` whatever ``padding_idx`` is.
+* Accumulation is in float32 for every table type (a float16 table is widened on load); the
+  output is float32, or float16 on request (rounded once at the end).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import _config
+from ._kernels.embedding import (
+    BAD_FIRST_OFFSET,
+    BAD_INDEX,
+    DECREASING_OFFSET,
+    LENGTHS_SUM,
+    NEGATIVE_LENGTH,
+    OFFSET_PAST_END,
+    embedding_bag_kernel,
+    specialised_dim,
+)
+from ._validate import as_array, check_choice, check_out
+from .quantize import RowwiseQuantizedTable
+
+__all__ = ["embedding_bag"]
+
+_MODES = ("sum", "mean", "max")
+_INDEX_DTYPES = (np.int32, np.int64)
+_OUT_DTYPES = (np.float32, np.float16)
+_EMPTY_WEIGHTS = np.empty(0, np.float32)
+_EMPTY_OFFSETS = np.empty(0, np.int64)
+
+PARALLEL_MIN_WORK = 1 << 15
+"""Calls touching fewer than this many table elements (indices x dim) run on one thread: the
+cost of waking the worker threads is larger than the work.  Tests lower it."""
+
+
+def _table_args(table: Any) -> tuple[str, np.ndarray, int, int, int]:
+    """``(kind, flat table, row_stride, rows, dim)`` for the kernel; no copy of a table whose
+    rows are contiguous."""
+    if isinstance(table, RowwiseQuantizedTable):
+        fused = table.fused
+        if not isinstance(fused, np.ndarray) or fused.dtype != np.uint8 or fused.ndim != 2:
+            raise TypeError("table: a RowwiseQuantizedTable must hold a 2-D uint8 fused array")
+        bits, dim = int(table.bits), int(table.dim)
+        if bits not in (8, 4, 2):
+            raise ValueError(f"table: expected a table of 8, 4 or 2 bits, got {bits}")
+        per_byte = 8 // bits
+        expected = -(-dim // per_byte) + (8 if bits == 8 else 4)
+        if fused.shape[1] != expected:
+            raise ValueError(
+                f"table: a {bits}-bit table of dim {dim} has rows of {expected} bytes, "
+                f"got {fused.shape[1]}"
+            )
+        if not fused.flags.c_contiguous:
+            fused = np.ascontiguousarray(fused)
+        return f"rowwise{bits}", fused.reshape(-1), fused.shape[1], fused.shape[0], dim
+    if not isinstance(table, np.ndarray) and hasattr(table, "fused"):
+        raise TypeError(f"table: expected an ndarray or RowwiseQuantizedTable, got {type(table)}")
+    table = as_array("table", table, dtypes=(np.float32, np.float16), ndim=2)
+    rows, dim = table.shape
+    item = table.itemsize
+    kind = "float32" if table.dtype == np.float32 else "float16"
+    if table.flags.c_contiguous:
+        flat, stride = table.reshape(-1), dim
+    elif (
+        rows > 0
+        and table.strides[1] == item
+        and table.strides[0] % item == 0
+        and table.strides[0] >= dim * item
+    ):
+        # Rows are contiguous but spaced (e.g. a column slice of a wider table): read in place.
+        stride = table.strides[0] // item
+        flat = np.lib.stride_tricks.as_strided(
+            table, shape=((rows - 1) * stride + dim,), strides=(item,)
+        )
+    else:
+        table = np.ascontiguousarray(table)  # other layouts: one copy
+        flat, stride = table.reshape(-1), dim
+    if kind == "float16":
+        flat = flat.view(np.uint16)
+    return kind, flat, stride, rows, dim
+
+
+def _index_array(name: str, x: Any, ndim: int | tuple[int, ...] = 1) -> np.ndarray:
+    x = as_array(name, x, dtypes=_INDEX_DTYPES, ndim=ndim)
+    return x if x.flags.c_contiguous else np.ascontiguousarray(x)
+
+
+def embedding_bag(
+    table: np.ndarray | RowwiseQuantizedTable,
+    indices: Any,
+    offsets: Any = None,
+    *,
+    lengths: Any = None,
+    mode: str = "sum",
+    per_sample_weights: Any = None,
+    include_last_offset: bool = False,
+    padding_idx: int | None = None,
+    out: np.ndarray | None = None,
+    out_dtype: Any = None,
+) -> np.ndarray:
+    """Pool rows of ``table`` over bags of ``indices`` (sum, mean or max).
+
+    Parameters
+    ----------
+    table : ndarray of float32 or float16 ``[rows, dim]``, or RowwiseQuantizedTable
+        The embedding table; a quantized table (8, 4 or 2 bits, from
+        :func:`qgemm.quantize_rowwise` or ``RowwiseQuantizedTable.from_fused``) is read in its
+        fused layout and dequantized on the fly.  A float table whose rows are contiguous
+        (C order, or a column slice of one) is read in place; any other layout is copied once.
+    indices : array of int32 or int64, 1-D or 2-D
+        Row numbers, ``0 <= i < rows``.  2-D ``[bags, n]`` means fixed-size bags of ``n``
+        (then ``offsets`` and ``lengths`` must be None).
+    offsets : array of int32 or int64, optional
+        torch convention: bag ``b`` is ``indices[offsets[b]:offsets[b + 1]]`` and the last one
+        runs to the end of ``indices`` -- or to ``offsets[-1]``, which is then not a bag, when
+        ``include_last_offset``.  ``offsets[0]`` must be 0 and offsets must not decrease.
+        The dtype is independent of that of ``indices``.
+    lengths : array of int32 or int64, optional (keyword)
+        Caffe2 convention, instead of ``offsets``: bag ``b`` holds the next ``lengths[b]``
+        indices; lengths must be non-negative and add up to ``len(indices)``.
+    mode : {"sum", "mean", "max"}
+        Reduction over each bag, for every table type.  Empty bags give zeros.
+    per_sample_weights : array of float32 or float16, optional
+        One weight per index (same shape as ``indices``), multiplying its row (``mode="sum"``
+        only, as in torch).
+    include_last_offset : bool
+        See ``offsets``.  Ignored for 2-D ``indices`` (as in torch).
+    padding_idx : int, optional
+        Rows equal to it are skipped (and not counted by the mean).  Negative values count
+        from the end, as in torch: ``-1`` is the last row.  Must be in ``[-rows, rows)``.
+    out : ndarray of float32 or float16 ``[bags, dim]``, optional
+        Written in place (C-contiguous) and returned; untouched if the call fails.
+    out_dtype : float32 or float16, optional
+        Output dtype when ``out`` is not given (default float32).  Accumulation is float32
+        either way.
+
+    Returns
+    -------
+    ndarray ``[bags, dim]``
+
+    Raises
+    ------
+    IndexError
+        An index outside ``[0, rows)`` (the message gives its position and value).
+    ValueError
+        Bad offsets/lengths, shapes, ``mode``, ``padding_idx``, or weights with a mode other
+        than "sum".
+    TypeError
+        Wrong dtypes (no silent casts) or argument types.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> table = np.arange(12, dtype=np.float32).reshape(6, 2)
+    >>> embedding_bag(table, np.array([0, 2, 4, 5]), np.array([0, 3]))
+    array([[12., 15.],
+           [10., 11.]], dtype=float32)
+    >>> embedding_bag(table, np.array([[0, 1], [2, 5]]), mode="max")
+    array([[ 2.,  3.],
+           [10., 11.]], dtype=float32)
+    >>> from qgemm import quantize_rowwise
+    >>> q = quantize_rowwise(table, bits=8)
+    >>> embedding_bag(q, np.array([0, 1, 3, 5]), lengths=np.array([1, 3]), mode="mean").round(4)
+    array([[0., 1.],
+           [6., 7.]], dtype=float32)
+    """
+    kind, flat, row_stride, rows, dim = _table_args(table)
+    check_choice("mode", mode, _MODES)
+    if not isinstance(include_last_offset, (bool, np.bool_)):
+        raise TypeError(
+            f"include_last_offset: expected a bool, got {type(include_last_offset).__name__}"
+        )
+
+    # ---- bags ----
+    idx = _index_array("indices", indices, ndim=(1, 2))
+    ishape = idx.shape
+    fixed = idx.ndim == 2
+    if fixed:
+        if offsets is not None or lengths is not None:
+            raise ValueError(
+                "offsets: 2-D indices are fixed-size bags; offsets and lengths must be None, "
+                f"got {'offsets' if offsets is not None else 'lengths'}"
+            )
+        bags, per_bag = idx.shape
+        offs = np.arange(bags, dtype=np.int64) * per_bag
+        by = "offsets"
+        idx = idx.reshape(-1)
+    elif offsets is not None and lengths is not None:
+        raise ValueError("offsets: give offsets or lengths, not both")
+    elif lengths is not None:
+        if include_last_offset:
+            raise ValueError("include_last_offset: only meaningful with offsets, not lengths")
+        offs = _index_array("lengths", lengths)
+        bags = offs.size
+        by = "lengths"
+    elif offsets is not None:
+        offs = _index_array("offsets", offsets)
+        by = "offsets"
+        if include_last_offset:
+            if offs.size == 0:
+                raise ValueError(
+                    "offsets: expected at least one offset with include_last_offset, got none"
+                )
+            bags = offs.size - 1
+        else:
+            bags = offs.size
+    else:
+        raise ValueError("offsets: 1-D indices need offsets or lengths, got neither")
+
+    # ---- options ----
+    weighted = per_sample_weights is not None
+    if weighted:
+        if mode != "sum":
+            raise ValueError(
+                f"per_sample_weights: only supported with mode='sum' (as in torch), "
+                f"got mode={mode!r}"
+            )
+        wts = as_array(
+            "per_sample_weights", per_sample_weights, dtypes=(np.float32, np.float16)
+        )
+        if wts.shape != ishape:
+            raise ValueError(
+                f"per_sample_weights: expected the shape of indices {ishape}, got {wts.shape}"
+            )
+        wts = np.ascontiguousarray(wts.reshape(-1), dtype=np.float32)
+    else:
+        wts = _EMPTY_WEIGHTS
+    if padding_idx is None:
+        pad = -1
+    else:
+        if isinstance(padding_idx, (bool, np.bool_)) or not isinstance(
+            padding_idx, (int, np.integer)
+        ):
+            raise TypeError(f"padding_idx: expected an int or None, got {type(padding_idx)}")
+        pad = int(padding_idx)
+        if not -rows <= pad < rows:
+            raise ValueError(
+                f"padding_idx: expected a row in [{-rows}, {rows}) (table of {rows} rows), "
+                f"got {pad}"
+            )
+        if pad < 0:
+            pad += rows
+
+    # ---- output ----
+    if out is not None:
+        if out_dtype is not None and np.dtype(out_dtype) != getattr(out, "dtype", None):
+            raise TypeError(
+                f"out_dtype: {np.dtype(out_dtype).name} does not match out "
+                f"({getattr(out, 'dtype', type(out).__name__)})"
+            )
+        odt = getattr(out, "dtype", np.dtype(np.float32))
+        if odt not in (np.float32, np.float16):
+            raise TypeError(f"out: expected dtype float32 or float16, got {odt}")
+        check_out("out", out, (bags, dim), odt)
+    else:
+        odt = np.dtype(np.float32 if out_dtype is None else out_dtype)
+        if odt not in _OUT_DTYPES:
+            raise TypeError(f"out_dtype: expected float32 or float16, got {odt.name}")
+    if out is not None and odt == np.float32:
+        res = out
+    else:
+        res = np.empty((bags, dim), np.float32)
+
+    # ---- kernel ----
+    n = idx.size
+    threads = _config.get_num_threads()
+    parallel = threads > 1 and bags > 1 and n * max(dim, 16) >= PARALLEL_MIN_WORK
+    key = (
+        _config.get_isa(),
+        kind,
+        idx.dtype.name,
+        offs.dtype.name,
+        by,
+        mode,
+        weighted,
+        specialised_dim(dim),
+        parallel,
+    )
+    kern = embedding_bag_kernel(key)
+    if parallel:
+        _config.sync_threads()
+    code, pos, val = kern(flat, row_stride, rows, dim, idx, offs, bags, wts, pad, res)
+    if code:
+        _raise(code, pos, val, rows=rows, shape=ishape)
+    if out is None:
+        return res if odt == np.float32 else res.astype(odt)
+    if res is not out:
+        out[...] = res  # float16 out: rounded once from the float32 result
+    return out
+
+
+def _raise(code: int, pos: int, val: int, *, rows: int, shape: tuple[int, ...]) -> None:
+    if code == BAD_INDEX:
+        where = pos if len(shape) == 1 else tuple(int(i) for i in np.unravel_index(pos, shape))
+        raise IndexError(
+            f"indices: index {val} at position {where} is out of range for a table of "
+            f"{rows} rows (expected 0 <= index < {rows})"
+        )
+    if code == BAD_FIRST_OFFSET:
+        raise ValueError(f"offsets: offsets[0] must be 0 (bags start at index 0), got {val}")
+    if code == DECREASING_OFFSET:
+        raise ValueError(
+            f"offsets: expected non-decreasing offsets, offsets[{pos}] = {val} is smaller "
+            "than the offset before it"
+        )
+    if code == OFFSET_PAST_END:
+        raise ValueError(
+            f"offsets: offsets[{pos}] = {val} is past the end of indices "
+            f"({int(np.prod(shape))} indices)"
+        )
+    if code == NEGATIVE_LENGTH:
+        raise ValueError(f"lengths: expected non-negative lengths, lengths[{pos}] = {val}")
+    if code == LENGTHS_SUM:
+        raise ValueError(
+            f"lengths: expected lengths adding up to the number of indices ({val}), got {pos}"
+        )
+    raise RuntimeError(f"embedding_bag: unexpected kernel status {code}")  # pragma: no cover
