@@ -341,8 +341,7 @@ class _State:
         new_int: dict[int, Any] = {}
         for i, (info, v) in enumerate(zip(spec.leaves, leaves, strict=True)):
             if info.kind in ("int", "bool"):
-                name = f"{where}: key {_path_name(spec.paths[i])!r}"
-                new_int[i] = self._int_step(i, info, _flat_int(v), w, total, first, name)
+                new_int[i] = self._int_step(i, info, _flat_int(v), w, total, first, where)
         sync_threads()
         for i, (info, v) in enumerate(zip(spec.leaves, leaves, strict=True)):
             if info.kind in ("int", "bool"):
@@ -352,6 +351,24 @@ class _State:
             self._float_step(i, x, w, total, first)
         self.total = total
         self.count += 1
+
+    def leaf_update(self, i: int, v: Any, w: float, total: float, first: bool, where: str):
+        """One leaf's step (``total`` includes ``w``); the in-memory path of :func:`average`
+        goes leaf by leaf."""
+        info = self.spec.leaves[i]
+        if info.kind in ("int", "bool"):
+            self.a[i] = self._int_step(i, info, _flat_int(v), w, total, first, where)
+        else:
+            self._float_step(i, _flat_float(v, info), w, total, first)
+
+    def leaf_value(self, i: int, *, consume: bool) -> Any:
+        info = self.spec.leaves[i]
+        st = self.a[i]
+        if consume:
+            self.a[i] = None
+        if info.kind in ("int", "bool"):
+            return _package(self._int_value(info, st), info)
+        return _finish_float(st, self._mean_divisor(), info, in_place=consume)
 
     def _float_step(self, i: int, x: np.ndarray, w: float, total: float, first: bool) -> None:
         if self.decay is None and not self.track_variance:  # weighted sum
@@ -378,7 +395,7 @@ class _State:
         # A weight-w update is w unit updates with the same value: e <- e + (1 - d**w)(x - e).
         return 1.0 - self.decay**w
 
-    def _int_step(self, i, info, x, w, total, first, name):
+    def _int_step(self, i, info, x, w, total, first, where):
         pol = self.int_policy
         st = self.a[i]
         if pol == "first":
@@ -403,8 +420,10 @@ class _State:
                 bad = (new > ii.max) | (new < ii.min) if wide is np.int64 else new > ii.max
             if bad.any():
                 j = int(np.flatnonzero(bad)[0])
+                name = _path_name(self.spec.paths[i])
                 raise OverflowError(
-                    f"{name}: int_policy='sum' overflows {info.dtype.name} at flat index {j}"
+                    f"{where}: key {name!r}: int_policy='sum' overflows "
+                    f"{info.dtype.name} at flat index {j}"
                 )
             return new
         # "round": a float64 weighted mean (or EMA) of the values, rounded at read-out
@@ -427,18 +446,10 @@ class _State:
                 if self.spec is not None
                 else "no parameters averaged yet: call update() first"
             )
-        spec = self.spec
         sync_threads()
-        vals: list = []
-        for i, info in enumerate(spec.leaves):
-            st = self.a[i]
-            if info.kind in ("int", "bool"):
-                vals.append(_package(self._int_value(info, st), info))
-            else:
-                vals.append(_finish_float(st, self._mean_divisor(), info, in_place=consume))
-            if consume:
-                self.a[i] = None  # free the accumulator as its output is made
-        return _rebuild(spec, vals)
+        # with consume, each accumulator is freed as its output is made
+        vals = [self.leaf_value(i, consume=consume) for i in range(len(self.spec.leaves))]
+        return _rebuild(self.spec, vals)
 
     def _int_value(self, info: _LeafInfo, st: np.ndarray) -> np.ndarray:
         if self.int_policy == "round":
@@ -570,6 +581,8 @@ def average(
                 f"weights: expected one weight per model ({len(models)}), got {len(ws)}"
             )
         weights = ws
+    if isinstance(models, (list, tuple)):
+        return _average_in_memory(models, weights, int_policy)
     state = _State(int_policy=int_policy, decay=None, track_variance=False)
     model_it = iter(models)
     weight_it = None if weights is None else iter(weights)
@@ -597,6 +610,52 @@ def average(
     if state.count == 0:
         raise ValueError("weights: expected at least one positive weight, got all zeros")
     return state.value(consume=True)
+
+
+def _average_in_memory(models: Sequence, weights: Any, int_policy: str) -> dict:
+    """:func:`average` of a list or tuple: every model is in memory already, so go leaf by
+    leaf and, for large float leaves, read all models in one pass (the ``multi`` kernel):
+    each model is read once and the result written once, with no accumulator -- the same
+    float64 operations in the same order as the streaming path, so the same bits."""
+    n = len(models)
+    if n == 0:
+        raise ValueError("models: expected at least one parameter set, got none")
+    if weights is None:
+        ws = [1.0] * n
+    else:
+        ws = [_check_weight(w, f"weights[{j}]") for j, w in enumerate(weights)]
+        if len(ws) != n:
+            raise ValueError(f"weights: expected one weight per model ({n}), got {len(ws)}")
+    state = _State(int_policy=int_policy, decay=None, track_variance=False)
+    leaves = [state.leaves_of(m, f"models[{j}]") for j, m in enumerate(models)]
+    pos = [j for j in range(n) if ws[j] > 0]
+    if not pos:
+        raise ValueError("weights: expected at least one positive weight, got all zeros")
+    spec = state.spec
+    totals = np.cumsum([ws[j] for j in pos]).tolist()
+    total = totals[-1]
+    state.total, state.count = total, len(pos)
+    sync_threads()
+    vals: list = []
+    for i, info in enumerate(spec.leaves):
+        size = math.prod(info.shape)
+        if (
+            info.kind == "float"
+            and info.dtype in (np.float32, np.float64)
+            and 2 <= len(pos) <= _k.MULTI_MAX
+            and size >= _k.MULTI_MIN
+        ):
+            xs = tuple(_flat_float(leaves[j][i], info) for j in pos)
+            out = np.empty(size, info.dtype)
+            wv = np.array([ws[j] for j in pos], np.float64)
+            _k.run("multi", xs, wv, total, out, out_dtype=info.dtype.name)
+            del xs
+            vals.append(_package(out, info))
+            continue
+        for idx, j in enumerate(pos):
+            state.leaf_update(i, leaves[j][i], ws[j], totals[idx], idx == 0, f"models[{j}]")
+        vals.append(state.leaf_value(i, consume=True))
+    return _rebuild(spec, vals)
 
 
 # ============================================================================================

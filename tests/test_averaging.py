@@ -29,7 +29,8 @@ from qgemm.averaging import (
     train_decentralized,
 )
 from qgemm.quantize import quantize_rowwise
-from tests.reference import (
+
+from .reference import (
     ref_average,
     ref_average_leaf,
     ref_cyclical_lr,
@@ -164,6 +165,32 @@ def test_average_parallel_path_matches_reference(monkeypatch):
                "d": rng.standard_normal(n // 3)} for _ in range(3)]
     want = ref_average(models, [0.5, 2.0, 1.0])
     assert_tree_equal(average(iter(models), [0.5, 2.0, 1.0]), want)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_average_in_memory_all_models_kernel(monkeypatch, parallel):
+    # lists take the one-pass all-models kernel for large float leaves; same bits as streaming
+    monkeypatch.setattr(K, "MULTI_MIN", 1)
+    if parallel:
+        monkeypatch.setattr(K, "PARALLEL_MIN", 1024)
+    rng = np.random.default_rng(5)
+    n = 3 * K.MULTI_CHUNK + 77 if parallel else 301
+    models = [{"a": rng.standard_normal(n).astype(np.float32),
+               "b": {"c": rng.standard_normal((2, n // 2))},
+               "h": rng.standard_normal(5).astype(np.float16),
+               "k": np.array([j], np.int64)} for j in range(7)]
+    ws = [0.5, 1.0, 0.0, 2.0, 3.0, 0.25, 1.5]  # six positive weights: a group of 4 and one more
+    want = ref_average(models, ws)
+    assert_tree_equal(average(models, ws), want)
+    assert_tree_equal(average(tuple(models), iter(ws)), want)
+    assert_tree_equal(average(iter(models), ws), want)
+
+
+def test_average_in_memory_many_models_falls_back(monkeypatch):
+    monkeypatch.setattr(K, "MULTI_MIN", 1)
+    rng = np.random.default_rng(6)
+    models = [{"a": rng.standard_normal(10).astype(np.float32)} for _ in range(K.MULTI_MAX + 1)]
+    assert_tree_equal(average(models), ref_average(models))
 
 
 def test_average_keeps_mapping_type():

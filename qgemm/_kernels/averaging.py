@@ -19,17 +19,18 @@ bit-identical to the numpy reference, which performs the same float64 operations
 order.  There is no ISA-specific code (LLVM targets the host), so the ISA is not part of the
 key.
 
-Keys are ``(op, in_dtype, out_dtype, parallel)``:
+Keys are ``(op, in_dtype, out_dtype, parallel)`` (plus the model count for ``multi``):
 
 ``init``      ``acc[i] = w * x[i]``
 ``add``       ``acc[i] += w * x[i]``
 ``final``     ``out[i] = acc[i] / total``           (``out`` may be ``acc`` itself)
-``add_final`` ``out[i] = (acc[i] + w * x[i]) / total``
 ``welford``   weighted Welford step: ``d = x - mean; mean += (w / total) * d;
               m2 += w * d * (x - mean)`` (``total`` includes ``w``)
 ``ema``       ``e[i] += alpha * (x[i] - e[i])``
 ``ema_var``   ``d = x - e; e += alpha * d; v = (1 - alpha) * (v + alpha * d * d)``
 ``copy``      ``out[i] = acc[i]`` (cast; the variance read-out)
+``multi``     ``out[i] = (w0 x0[i] + w1 x1[i] + ...) / total`` over a tuple of ``k`` models
+              held in memory (key ``(..., k)``): reads each model once, no accumulator
 """
 
 from __future__ import annotations
@@ -46,13 +47,26 @@ CHUNK = 1 << 16
 PARALLEL_MIN = 1 << 17
 """Buffers with fewer elements use the serial kernels."""
 
-OPS = ("init", "add", "final", "add_final", "welford", "ema", "ema_var", "copy")
+MULTI_CHUNK = 1 << 12
+"""Elements per block of the all-models kernel (its float64 block buffer is 32 KiB)."""
+
+MULTI_MIN = 1 << 15
+"""Leaves with fewer elements take the per-model kernels (no per-count compilation)."""
+
+MULTI_MAX = 16
+"""Most models the all-models kernel takes (one compiled kernel per count, cached on disk)."""
+
+OPS = ("init", "add", "final", "welford", "ema", "ema_var", "copy", "multi")
 
 _NB = {"float32": numba.float32, "float64": numba.float64}
 
 
-def _signature(op: str, in_dt: str, out_dt: str):
+def _signature(op: str, in_dt: str, out_dt: str, k: int = 0):
     xin = _NB[in_dt][::1]
+    if op == "multi":
+        return numba.void(
+            numba.types.UniTuple(xin, k), numba.float64[::1], numba.float64, _NB[out_dt][::1]
+        )
     f64 = numba.float64
     acc = numba.float64[::1]
     if op in ("init", "add", "ema"):
@@ -61,8 +75,6 @@ def _signature(op: str, in_dt: str, out_dt: str):
         return numba.void(acc, f64, _NB[out_dt][::1])
     if op == "copy":
         return numba.void(acc, _NB[out_dt][::1])
-    if op == "add_final":
-        return numba.void(acc, xin, f64, f64, _NB[out_dt][::1])
     if op == "welford":
         return numba.void(xin, f64, f64, acc, acc)
     if op == "ema_var":
@@ -80,8 +92,8 @@ def averaging_kernel(key):
     can store every variant; ``par`` is read in the body so the serial and parallel twins never
     share a cache entry.
     """
-    op, in_dt, out_dt, parallel = key
-    sig = _signature(op, in_dt, out_dt)
+    op, in_dt, out_dt, parallel = key[:4]
+    sig = _signature(op, in_dt, out_dt, *key[4:])
     par = bool(parallel)
     chunk = CHUNK
     outcast = np.float32 if out_dt == "float32" else np.float64
@@ -142,17 +154,6 @@ def averaging_kernel(key):
                 for i in range(lo, min(lo + blk, n)):
                     out[i] = outcast(acc[i])
 
-    elif op == "add_final":
-
-        @numba.njit(sig, **opts)
-        def kern(acc, x, w, total, out):
-            n = acc.size
-            blk = chunk if par else max(n, 1)
-            for c in prange((n + blk - 1) // blk):
-                lo = c * blk
-                for i in range(lo, min(lo + blk, n)):
-                    out[i] = outcast((acc[i] + w * np.float64(x[i])) / total)
-
     elif op == "welford":
 
         @numba.njit(sig, **opts)
@@ -168,6 +169,53 @@ def averaging_kernel(key):
                     mi = mean[i] + r * d
                     mean[i] = mi
                     m2[i] += w * d * (xi - mi)
+
+    elif op == "multi":
+        mchunk = MULTI_CHUNK
+
+        @numba.njit(sig, **opts)
+        def kern(xs, ws, total, out):
+            # All models at once, one block of elements at a time: each model is read once,
+            # the result written once; the float64 block stays in L1.  Models are folded in
+            # groups of four per pass over the block, in order, so the float64 operations are
+            # exactly those of the streaming init/add/final kernels.
+            n = out.size
+            k = len(xs)
+            blk = mchunk if par else max(n, 1)
+            for c in prange((n + blk - 1) // blk):
+                lo = c * blk
+                hi = min(lo + blk, n)
+                m = hi - lo
+                buf = np.empty(m, np.float64)
+                x0 = xs[0][lo:hi]
+                w0 = ws[0]
+                for i in range(m):
+                    buf[i] = w0 * np.float64(x0[i])
+                j = 1
+                while j + 4 <= k:
+                    xa = xs[j][lo:hi]
+                    xb = xs[j + 1][lo:hi]
+                    xc = xs[j + 2][lo:hi]
+                    xd = xs[j + 3][lo:hi]
+                    wa = ws[j]
+                    wb = ws[j + 1]
+                    wc = ws[j + 2]
+                    wd = ws[j + 3]
+                    for i in range(m):
+                        t = buf[i] + wa * np.float64(xa[i])
+                        t = t + wb * np.float64(xb[i])
+                        t = t + wc * np.float64(xc[i])
+                        buf[i] = t + wd * np.float64(xd[i])
+                    j += 4
+                while j < k:
+                    xa = xs[j][lo:hi]
+                    wa = ws[j]
+                    for i in range(m):
+                        buf[i] += wa * np.float64(xa[i])
+                    j += 1
+                o = out[lo:hi]
+                for i in range(m):
+                    o[i] = outcast(buf[i] / total)
 
     else:  # ema_var
 
@@ -187,19 +235,16 @@ def averaging_kernel(key):
 
 
 def run(op: str, *args, out_dtype: str = "float64") -> None:
-    """Run kernel ``op`` on validated, C-contiguous 1-D buffers (the caller checks sizes).
-
-    The input dtype is that of the first argument for the ops that take ``x`` first, else of
-    ``x`` in ``add_final``; parallel when the buffer has at least ``PARALLEL_MIN`` elements.
-    """
-    if op == "add_final":
-        in_dt = args[1].dtype.name
-    elif op in ("final", "copy"):
-        in_dt = "float64"
+    """Run kernel ``op`` on validated, C-contiguous 1-D buffers (the caller checks sizes and
+    dtypes); parallel when the buffer has at least ``PARALLEL_MIN`` elements."""
+    if op in ("final", "copy"):
+        in_dt, n, extra = "float64", args[0].size, ()
+    elif op == "multi":
+        xs = args[0]
+        in_dt, n, extra = xs[0].dtype.name, args[3].size, (len(xs),)
     else:
-        in_dt = args[0].dtype.name
-    n = args[0].size
+        in_dt, n, extra = args[0].dtype.name, args[0].size, ()
     if n == 0:
         return
-    kern = averaging_kernel((op, in_dt, out_dtype, n >= PARALLEL_MIN))
+    kern = averaging_kernel((op, in_dt, out_dtype, n >= PARALLEL_MIN, *extra))
     kern(*args)
