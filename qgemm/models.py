@@ -42,7 +42,9 @@ from ._kernels.dlrm import (
     BAGS_BAD_FIRST_OFFSET,
     BAGS_BAD_INDEX,
     BAGS_DECREASING_OFFSET,
+    PARALLEL_MIN_MACS,
     check_bags_kernel,
+    interaction_kernel,
 )
 from ._validate import as_array, check_choice, check_finite, check_int
 from .quantize import RowwiseQuantizedTable, quantize_rowwise
@@ -612,12 +614,12 @@ class DLRM:
     def _interact(self, x: np.ndarray, emb: np.ndarray) -> np.ndarray:
         batch, d = x.shape
         if self.engine == "qgemm":
-            from ._kernels.dlrm import interaction_kernel
-
             out = np.empty((batch, d + self.num_interactions), dtype=np.float32)
             if batch:
-                _config.sync_threads()
-                interaction_kernel((self.self_interaction, _config.fastmath_flags()))(
+                parallel = batch * self.num_interactions * d >= PARALLEL_MIN_MACS
+                if parallel:
+                    _config.sync_threads()
+                interaction_kernel((self.self_interaction, _config.fastmath_flags(), parallel))(
                     np.ascontiguousarray(x), emb, out)
             return out
         feats = np.concatenate([x[:, None, :], emb.transpose(1, 0, 2)], axis=1)  # [B, n, d]

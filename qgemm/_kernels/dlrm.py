@@ -1,7 +1,7 @@
 """Kernels of the DLRM model (:mod:`qgemm.models`): the fused dot-product feature interaction
 and a fast, counter-based random table initialiser.
 
-``interaction_kernel((self_interaction, fastmath))``
+``interaction_kernel((self_interaction, fastmath, parallel))``
     ``kern(x, emb, out)``: ``x`` float32 ``[B, d]`` (bottom-MLP output), ``emb`` float32
     ``[T, B, d]`` (the pooled embeddings, table-major so every table's bag output is one
     contiguous block), ``out`` float32 ``[B, d + P]``.  Writes ``out[b, :d] = x[b]`` followed by
@@ -9,7 +9,8 @@ and a fast, counter-based random table initialiser.
     ``f_{k+1} = emb[k, b]`` in the order of facebookresearch/dlrm (``for i in range(n): for j in
     range(i + self_interaction): dot(f_i, f_j)``, i.e. the strictly lower triangle of
     ``F F^T`` row by row, plus the diagonal when ``self_interaction``).  This is DLRM's
-    ``cat -> bmm -> tril gather -> cat`` in one pass, parallel over the batch.  Float32
+    ``cat -> bmm -> tril gather -> cat`` in one pass, parallel over the batch (serial below
+    :data:`PARALLEL_MIN_MACS`).  Float32
     accumulation (reassociated under qgemm's fast-math flags so LLVM vectorises the dot).
 
 ``fill_uniform_kernel(())``
@@ -28,7 +29,13 @@ from numba import prange, types
 
 from .._cache import kernel_family
 
-__all__ = ["interaction_kernel", "fill_uniform_kernel", "check_bags_kernel", "splitmix64"]
+__all__ = [
+    "PARALLEL_MIN_MACS",
+    "interaction_kernel",
+    "fill_uniform_kernel",
+    "check_bags_kernel",
+    "splitmix64",
+]
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -44,10 +51,17 @@ def splitmix64(z):  # pragma: no cover - compiled
     return z ^ (z >> np.uint64(31))
 
 
+PARALLEL_MIN_MACS = 1 << 17
+"""Below this many multiply-adds per call the interaction runs serially: waking the worker
+threads costs more than the work (and, on a busy machine, a parallel region waits for a
+descheduled worker)."""
+
+
 @kernel_family("dlrm_interaction")
 def interaction_kernel(key):
-    """Fused DLRM dot interaction; key ``(self_interaction: bool, fastmath: bool | frozenset)``."""
-    self_interaction, fastmath = key
+    """Fused DLRM dot interaction; key ``(self_interaction: bool, fastmath: bool | frozenset,
+    parallel: bool)``."""
+    self_interaction, fastmath, parallel = key
     if not isinstance(fastmath, bool):
         fastmath = set(fastmath)  # numba wants a bool, dict or set
     extra = 1 if self_interaction else 0
@@ -55,7 +69,7 @@ def interaction_kernel(key):
         types.float32[:, ::1], types.float32[:, :, ::1], types.float32[:, ::1]
     )
 
-    @numba.njit(sig, parallel=True, cache=True, nogil=True, fastmath=fastmath)
+    @numba.njit(sig, parallel=parallel, cache=True, nogil=True, fastmath=fastmath)
     def kern(x, emb, out):  # pragma: no cover - compiled
         batch, d = x.shape
         n = emb.shape[0] + 1
