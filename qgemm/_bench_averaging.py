@@ -167,6 +167,32 @@ def measure_read_bandwidth(nbytes: int = 1 << 30, repeat: int = 7) -> dict[str, 
     return out
 
 
+def _proc_status_kb(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field_name} not in /proc/self/status")
+
+
+def measure_peak_bytes(fn: Any) -> int | None:
+    """Peak resident memory added while ``fn()`` runs, in bytes (Linux: resets the
+    high-water mark through ``/proc/self/clear_refs``); ``None`` where unsupported."""
+    import gc
+
+    try:
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _proc_status_kb("VmRSS")
+        res = fn()
+        peak = _proc_status_kb("VmHWM")
+    except OSError:
+        return None
+    del res
+    return (peak - base) * 1024
+
+
 def run(quick: bool = False, progress: Any = None) -> list[Table]:
     """The averaging table for ``python -m qgemm bench``."""
     import qgemm.averaging as qa
@@ -188,6 +214,13 @@ def run(quick: bool = False, progress: Any = None) -> list[Table]:
     bw = measure_read_bandwidth(nbytes=(1 << 28) if quick else (1 << 30))
     if progress is not None:
         progress.step("read bandwidth")
+    one_model = n_params * 4
+    peaks = {
+        "qgemm, generator": measure_peak_bytes(
+            lambda: qa.average(fresh_models(lay, N_MODELS), weights)
+        ),
+        "numpy": measure_peak_bytes(lambda: numpy_average(fresh_models(lay, N_MODELS), weights)),
+    }
     model_bytes = N_MODELS * n_params * 4
     traffic = {
         "qgemm, generator": traffic_bytes(n_params, N_MODELS),
@@ -217,6 +250,12 @@ def run(quick: bool = False, progress: Any = None) -> list[Table]:
         "param per model, so model GB/s <= ~read BW x 4/20; list: 4 B per param per model + "
         "4 B result",
         "numpy, f32 acc accumulates in float32 (less accurate; shown for reference)",
+        "peak memory over the baseline, models made one at a time by a generator, in units of "
+        f"(float64 accumulator + one model = {3 * one_model / 1e6:.0f} MB): "
+        + ", ".join(
+            f"{k} {v / (3 * one_model):.2f}" if v is not None else f"{k} n/a"
+            for k, v in peaks.items()
+        ),
     ]
     return [
         Table(

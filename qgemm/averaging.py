@@ -124,23 +124,71 @@ def _leaf_info(v: Any, where: str) -> _LeafInfo:
     )
 
 
+# The tree walkers are module-level recursive functions, not nested closures: a recursive
+# closure is a reference cycle (function -> cell -> function) that would keep the leaves it
+# collects -- whole models -- alive until the garbage collector runs.
+
+
+def _spec_walk(node: Any, path: tuple, where: str, leaves: list, paths: list) -> Any:
+    if isinstance(node, Mapping):
+        return (
+            "map",
+            type(node),
+            [(k, _spec_walk(v, (*path, k), where, leaves, paths)) for k, v in node.items()],
+        )
+    leaves.append(_leaf_info(node, f"{where}: key {_path_name(path)!r}"))
+    paths.append(path)
+    return ("leaf", len(leaves) - 1)
+
+
 def _build_spec(model: Any, where: str) -> _Spec:
     if not isinstance(model, Mapping):
         raise TypeError(f"{where}: expected a mapping of name -> array, got {type(model).__name__}")
     leaves: list = []
     paths: list = []
-
-    def walk(node: Any, path: tuple) -> Any:
-        if isinstance(node, Mapping):
-            return ("map", type(node), [(k, walk(v, (*path, k))) for k, v in node.items()])
-        if not path:  # pragma: no cover - the top level is checked above
-            raise TypeError(f"{where}: expected a mapping")
-        leaves.append(_leaf_info(node, f"{where}: key {_path_name(path)!r}"))
-        paths.append(path)
-        return ("leaf", len(leaves) - 1)
-
-    tree = walk(model, ())
+    tree = _spec_walk(model, (), where, leaves, paths)
     return _Spec(tree, leaves, paths)
+
+
+def _gather_walk(
+    node: Any, tree: Any, path: tuple, spec: _Spec, where: str, ref: str, out: list
+) -> None:
+    if tree[0] == "leaf":
+        i = tree[1]
+        name = f"{where}: key {_path_name(path)!r}"
+        if isinstance(node, Mapping):
+            raise TypeError(f"{name}: expected a leaf (as in {ref}), got a mapping")
+        info = spec.leaves[i]
+        got = _leaf_info(node, name)
+        if got.kind != info.kind or (got.kind != "packed" and got.dtype != info.dtype):
+            raise TypeError(
+                f"{name}: expected {info.describe()} (as in {ref}), got {got.describe()}"
+            )
+        if got.shape != info.shape or (got.kind == "rowwise" and got.meta != info.meta):
+            raise ValueError(
+                f"{name}: expected {info.describe()} (as in {ref}), got {got.describe()}"
+            )
+        out[i] = node
+        return
+    if not isinstance(node, Mapping):
+        raise TypeError(
+            f"{where}: key {_path_name(path)!r}: expected a mapping (as in {ref}), "
+            f"got {type(node).__name__}"
+        )
+    keys = [k for k, _ in tree[2]]
+    missing = [k for k in keys if k not in node]
+    if missing:
+        raise ValueError(
+            f"{where}: key {_path_name((*path, missing[0]))!r} is missing (present in {ref})"
+        )
+    if len(node) != len(keys):
+        known = set(keys)
+        extra = next(k for k in node if k not in known)
+        raise ValueError(
+            f"{where}: key {_path_name((*path, extra))!r} is unexpected (not in {ref})"
+        )
+    for k, sub in tree[2]:
+        _gather_walk(node[k], sub, (*path, k), spec, where, ref, out)
 
 
 def _gather(model: Any, spec: _Spec, where: str, ref: str) -> list:
@@ -149,63 +197,25 @@ def _gather(model: Any, spec: _Spec, where: str, ref: str) -> list:
     if not isinstance(model, Mapping):
         raise TypeError(f"{where}: expected a mapping of name -> array, got {type(model).__name__}")
     out: list = [None] * len(spec.leaves)
-
-    def walk(node: Any, tree: Any, path: tuple) -> None:
-        if tree[0] == "leaf":
-            i = tree[1]
-            name = f"{where}: key {_path_name(path)!r}"
-            if isinstance(node, Mapping):
-                raise TypeError(f"{name}: expected a leaf (as in {ref}), got a mapping")
-            info = spec.leaves[i]
-            got = _leaf_info(node, name)
-            if got.kind != info.kind or (got.kind != "packed" and got.dtype != info.dtype):
-                raise TypeError(
-                    f"{name}: expected {info.describe()} (as in {ref}), got {got.describe()}"
-                )
-            if got.shape != info.shape or (got.kind == "rowwise" and got.meta != info.meta):
-                raise ValueError(
-                    f"{name}: expected {info.describe()} (as in {ref}), got {got.describe()}"
-                )
-            out[i] = node
-            return
-        if not isinstance(node, Mapping):
-            raise TypeError(
-                f"{where}: key {_path_name(path)!r}: expected a mapping (as in {ref}), "
-                f"got {type(node).__name__}"
-            )
-        keys = [k for k, _ in tree[2]]
-        missing = [k for k in keys if k not in node]
-        if missing:
-            raise ValueError(
-                f"{where}: key {_path_name((*path, missing[0]))!r} is missing (present in {ref})"
-            )
-        if len(node) != len(keys):
-            known = set(keys)
-            extra = next(k for k in node if k not in known)
-            raise ValueError(
-                f"{where}: key {_path_name((*path, extra))!r} is unexpected (not in {ref})"
-            )
-        for k, sub in tree[2]:
-            walk(node[k], sub, (*path, k))
-
-    walk(model, spec.tree, ())
+    _gather_walk(model, spec.tree, (), spec, where, ref, out)
     return out
 
 
-def _rebuild(spec: _Spec, values: list) -> Any:
-    def build(tree: Any) -> Any:
-        if tree[0] == "leaf":
-            return values[tree[1]]
-        typ, items = tree[1], tree[2]
-        try:
-            m = typ() if issubclass(typ, dict) else {}
-        except Exception:  # a dict subclass that needs arguments
-            m = {}
-        for k, sub in items:
-            m[k] = build(sub)
-        return m
+def _rebuild_walk(tree: Any, values: list) -> Any:
+    if tree[0] == "leaf":
+        return values[tree[1]]
+    typ, items = tree[1], tree[2]
+    try:
+        m = typ() if issubclass(typ, dict) else {}
+    except Exception:  # a dict subclass that needs arguments
+        m = {}
+    for k, sub in items:
+        m[k] = _rebuild_walk(sub, values)
+    return m
 
-    return build(spec.tree)
+
+def _rebuild(spec: _Spec, values: list) -> Any:
+    return _rebuild_walk(spec.tree, values)
 
 
 # ============================================================================================
@@ -482,14 +492,15 @@ class _State:
 def _prune(spec: _Spec, keep: set) -> _Spec:
     """``spec`` without the leaves not in ``keep`` (and mappings left empty by that)."""
 
-    def walk(tree: Any) -> Any:
-        if tree[0] == "leaf":
-            return tree if tree[1] in keep else None
-        items = [(k, s) for k, s in ((k, walk(t)) for k, t in tree[2]) if s is not None]
-        return ("map", tree[1], items) if items else None
-
-    tree = walk(spec.tree) or ("map", spec.tree[1], [])
+    tree = _prune_walk(spec.tree, keep) or ("map", spec.tree[1], [])
     return _Spec(tree, spec.leaves, spec.paths)
+
+
+def _prune_walk(tree: Any, keep: set) -> Any:
+    if tree[0] == "leaf":
+        return tree if tree[1] in keep else None
+    items = [(k, s) for k, s in ((k, _prune_walk(t, keep)) for k, t in tree[2]) if s is not None]
+    return ("map", tree[1], items) if items else None
 
 
 # ============================================================================================
