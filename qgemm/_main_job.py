@@ -1,43 +1,343 @@
-"""The main job of ``python -m qgemm`` (placeholder until the DLRM demo lands):
-quantize an embedding table and a layer's weights, and report memory and error."""
+"""The main job of ``python -m qgemm``: DLRM-style inference, float32 (numpy) vs int8 (qgemm).
+
+It builds a random DLRM (:class:`qgemm.models.DLRM`), converts it to int8 (``pack_weight`` for
+every linear layer, ``quantize_rowwise`` for every table), generates a synthetic click log,
+and reports, for both models: per-batch latency and throughput, the time split between
+embedding lookups, MLPs and the feature interaction (the characterisation of Park et al.,
+"Deep Learning Inference in Facebook Data Centers", 2018), model memory, and the accuracy
+impact of int8 (max/mean |Δ prediction|, agreement of the top-k rankings).
+
+Default configuration, and why
+------------------------------
+* **8 tables x 1,000,000 rows x dim 64** (2 GiB float32, 0.56 GiB 8-bit): the table count,
+  row count and dimension of facebookresearch/dlrm's reference benchmark configuration; far
+  larger than the 32 MB L3, so lookups are DRAM-bound as in production.
+* **bottom 13-512-256-64, top 512-256-1**: DLRM's Criteo-Kaggle MLPs (13 dense features) with
+  the embedding dimension as the bottom output; the top input is ``64 + 9*8/2 = 100``.
+* **~20 lookups per bag** (bag lengths uniform in 1..39), between Criteo's one-hot features
+  and the 100 of DLRM's benchmark; **batch 128**, a serving-size batch.
+* 64 distinct batches of indices, cycled: every call touches rows not in cache.
+On two Zen 4 cores building (tables ~0.1 s each with the parallel generator), converting,
+compiling (warm disk cache) and ~3 s of timing per model fit in ~10-20 s.
+
+Timing: float and int8 blocks alternate (rounds), with a pause between blocks (numpy's BLAS
+and Numba's worker threads spin after a call and would steal a core); medians per batch.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
+from typing import Any
+
+DEFAULTS = {
+    "batch": 128,
+    "tables": 8,
+    "rows": 1_000_000,
+    "dim": 64,
+    "pooling": 20,
+    "bottom": "13-512-256",
+    "top": "512-256-1",
+    "bits": 8,
+    "batches": 64,
+    "seconds": 3.0,
+    "rounds": 3,
+    "topk": 10,
+    "seed": 0,
+}
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in str(text).split("-") if s != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 512-256-1, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive sizes like 512-256-1, got {text!r}")
+    return sizes
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got "
+                                             f"{text!r}") from None
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return v
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rows", type=int, default=200_000, help="embedding table rows")
-    parser.add_argument("--dim", type=int, default=64, help="embedding dimension")
-    parser.add_argument("--json", action="store_true", help="stdout carries one JSON document")
+    """Add the main job's options to the top-level parser of ``python -m qgemm``."""
+    d = DEFAULTS
+    g = parser.add_argument_group("main job (DLRM inference, float32 vs int8)")
+    g.add_argument("--batch", type=_positive(int), default=d["batch"],
+                   help=f"samples per batch (default {d['batch']})")
+    g.add_argument("--tables", type=_positive(int), default=d["tables"],
+                   help=f"embedding tables = sparse features (default {d['tables']})")
+    g.add_argument("--rows", type=_positive(int), default=d["rows"],
+                   help=f"rows per table (default {d['rows']:,})")
+    g.add_argument("--dim", type=_positive(int), default=d["dim"],
+                   help=f"embedding dimension, also the bottom MLP's output (default {d['dim']})")
+    g.add_argument("--pooling", type=_positive(int), default=d["pooling"],
+                   help=f"mean lookups per bag; lengths uniform in 1..2*P-1 "
+                        f"(default {d['pooling']})")
+    g.add_argument("--bottom", type=_sizes, default=_sizes(d["bottom"]), metavar="SIZES",
+                   help=f"dense features and hidden sizes of the bottom MLP; its output is "
+                        f"--dim (default {d['bottom']})")
+    g.add_argument("--top", type=_sizes, default=_sizes(d["top"]), metavar="SIZES",
+                   help=f"top MLP output sizes; its input is dim + n(n-1)/2 "
+                        f"(default {d['top']})")
+    g.add_argument("--bits", type=int, choices=(8, 4, 2), default=d["bits"],
+                   help="bits per quantized table element (linear layers are always int8; "
+                        f"default {d['bits']})")
+    g.add_argument("--threads", type=_positive(int), default=None,
+                   help="qgemm kernel threads (default: all cores); numpy's BLAS threads "
+                        "follow OPENBLAS_NUM_THREADS")
+    g.add_argument("--batches", type=_positive(int), default=d["batches"],
+                   help=f"distinct batches in the synthetic click log (default {d['batches']})")
+    g.add_argument("--seconds", type=_positive(float), default=d["seconds"],
+                   help=f"timing budget per model in seconds (default {d['seconds']})")
+    g.add_argument("--rounds", type=_positive(int), default=d["rounds"],
+                   help=f"alternating float/int8 timing rounds (default {d['rounds']})")
+    g.add_argument("--topk", type=_positive(int), default=d["topk"],
+                   help=f"k of the per-batch top-k ranking agreement (default {d['topk']})")
+    g.add_argument("--seed", type=int, default=d["seed"], help="seed of weights and click log")
+    g.add_argument("--json", action="store_true",
+                   help="stdout carries exactly one JSON document (progress stays on stderr)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def _time_block(model, log, start: int, seconds: float, lat: list, parts: list,
+                min_calls: int = 3) -> int:
+    """Run batches from ``log`` (cycling from ``start``) for ``seconds`` (at least
+    ``min_calls``), recording per-call latency and per-part seconds; returns the next
+    position.  Time-bounded rather than count-bounded, so a busy machine (slow tail calls)
+    cannot stretch the run past its budget."""
+    n = len(log)
+    clock = time.perf_counter
+    end = clock() + seconds
+    c = 0
+    while c < min_calls or clock() < end:
+        dense, idx, off = log[(start + c) % n]
+        t = {}
+        t0 = clock()
+        model.predict(dense, idx, off, timings=t)
+        lat.append(clock() - t0)
+        parts.append(t)
+        c += 1
+    return start + c
+
+
+def _summary(lat: list[float], parts: list[dict], batch: int) -> dict[str, Any]:
+    from .models import PARTS
+
+    med = statistics.median(lat)
+    out: dict[str, Any] = {}
+    for p in PARTS:
+        out[p] = statistics.median(t[p] for t in parts) * 1e3
+    # validation, allocation, sigmoid: the per-call remainder, then its median
+    out["other"] = statistics.median(
+        max(0.0, lt - sum(t[p] for p in PARTS)) for lt, t in zip(lat, parts, strict=True)
+    ) * 1e3
+    out["latency"] = med * 1e3
+    lat_sorted = sorted(lat)
+    out["latency_p90"] = lat_sorted[min(len(lat) - 1, int(0.9 * len(lat)))] * 1e3
+    out["throughput"] = batch / med if med > 0 else float("inf")
+    out["calls"] = len(lat)
+    total = sum(out[p] for p in (*PARTS, "other"))
+    out["share"] = {p: (out[p] / total if total > 0 else 0.0) for p in (*PARTS, "other")}
+    return out
+
+
+def _accuracy(pf, pq, batch: int, k: int) -> dict[str, Any]:
+    import numpy as np
+
+    d = np.abs(pf.astype(np.float64) - pq.astype(np.float64))
+    overlaps, top1 = [], []
+    kk = min(k, batch)
+    for b0 in range(0, pf.shape[0] - batch + 1, batch):
+        f = pf[b0:b0 + batch]
+        q = pq[b0:b0 + batch]
+        top_f = set(np.argsort(-f, kind="stable")[:kk].tolist())
+        top_q = set(np.argsort(-q, kind="stable")[:kk].tolist())
+        overlaps.append(len(top_f & top_q) / kk)
+        top1.append(int(np.argmax(f) == np.argmax(q)))
+    n_all = pf.shape[0]
+    kg = max(1, n_all // 100)
+    gf = set(np.argsort(-pf, kind="stable")[:kg].tolist())
+    gq = set(np.argsort(-pq, kind="stable")[:kg].tolist())
+    return {
+        "predictions": int(n_all),
+        "max_abs_diff": float(d.max()) if d.size else 0.0,
+        "mean_abs_diff": float(d.mean()) if d.size else 0.0,
+        "topk": kk,
+        "topk_overlap": float(np.mean(overlaps)) if overlaps else float("nan"),
+        "top1_agreement": float(np.mean(top1)) if top1 else float("nan"),
+        "global_top1pct_overlap": len(gf & gq) / kg,
+        "prediction_mean": float(pf.mean()) if pf.size else float("nan"),
+        "prediction_std": float(pf.std()) if pf.size else float("nan"),
+    }
 
 
 def run(args: argparse.Namespace) -> int:
+    """Build, convert, time and compare; print the report (or one JSON document)."""
+    import numba
     import numpy as np
 
-    import qgemm
+    from . import _config
+    from ._benchtools import PAUSE_SECONDS, Progress
+    from .models import DLRM, PARTS
 
-    rng = np.random.default_rng(0)
-    table = rng.standard_normal((args.rows, args.dim)).astype(np.float32)
-    report = {"rows": args.rows, "dim": args.dim, "float32_bytes": int(table.nbytes), "tables": {}}
-    for bits in (8, 4, 2):
-        t0 = time.perf_counter()
-        q = qgemm.quantize_rowwise(table, bits=bits)
-        dt = time.perf_counter() - t0
-        err = np.abs(q.dequantize(slice(0, 10_000)) - table[:10_000])
-        report["tables"][f"{bits}bit"] = {
-            "bytes": q.nbytes, "ratio": table.nbytes / q.nbytes, "seconds": dt,
-            "max_abs_err": float(err.max()), "mean_abs_err": float(err.mean()),
-        }
+    if args.threads:
+        if args.threads > numba.config.NUMBA_NUM_THREADS:
+            print(f"--threads: at most {numba.config.NUMBA_NUM_THREADS} on this "
+                  f"machine, got {args.threads}", file=sys.stderr)
+            return 2
+        _config.set_num_threads(args.threads)
+    bottom = [*args.bottom, args.dim]
+    if len(bottom) < 2:
+        print("--bottom: expected at least the dense-feature count", file=sys.stderr)
+        return 2
+    progress = Progress(5 + 2 * args.rounds, label="qgemm main job",
+                        enabled=not args.no_progress)
+    build: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    progress.step("building the float32 model")
+    model = DLRM.random(tables=args.tables, rows=args.rows, dim=args.dim, bottom=bottom,
+                        top=args.top, seed=args.seed)
+    build["model"] = time.perf_counter() - t0
+
+    progress.step(f"converting to int8 ({args.bits}-bit tables)")
+    t0 = time.perf_counter()
+    qmodel = model.quantize(bits=args.bits)
+    build["quantize"] = time.perf_counter() - t0
+
+    progress.step("generating the click log")
+    t0 = time.perf_counter()
+    log = [model.random_inputs(args.batch, pooling=args.pooling, seed=args.seed + 1 + i)
+           for i in range(args.batches)]
+    build["click_log"] = time.perf_counter() - t0
+
+    progress.step("compiling / loading kernels")
+    t0 = time.perf_counter()
+    dense, idx, off = log[0]
+    model.predict(dense, idx, off)
+    qmodel.predict(dense, idx, off)
+    build["warmup"] = time.perf_counter() - t0
+
+    block = args.seconds / args.rounds
+    lat: dict[str, list[float]] = {"float32": [], "int8": []}
+    parts: dict[str, list[dict]] = {"float32": [], "int8": []}
+    pos = {"float32": 0, "int8": 0}
+    models = {"float32": model, "int8": qmodel}
+    for r in range(args.rounds):
+        for name in ("float32", "int8"):
+            time.sleep(PAUSE_SECONDS)
+            pos[name] = _time_block(models[name], log, pos[name], block, lat[name],
+                                    parts[name])
+            progress.step(f"round {r + 1}/{args.rounds}: {name}")
+    summ = {k: _summary(lat[k], parts[k], args.batch) for k in lat}
+
+    progress.step("accuracy")
+    pf = np.concatenate([model.predict(*b).reshape(-1) for b in log])
+    pq = np.concatenate([qmodel.predict(*b).reshape(-1) for b in log])
+    acc = _accuracy(pf, pq, args.batch, args.topk)
+    progress.close()
+
+    mem = {"float32": model.memory(), "int8": qmodel.memory()}
+    speedup = {p: summ["float32"][p] / summ["int8"][p] if summ["int8"][p] > 0 else None
+               for p in PARTS}
+    speedup["total"] = summ["float32"]["latency"] / summ["int8"]["latency"]
+    info = {
+        "cpu": _config.cpu_name(),
+        "isa": _config.get_isa(),
+        "threads": _config.get_num_threads(),
+        "numba": numba.__version__,
+        "numpy": np.__version__,
+    }
+    config = {
+        "batch": args.batch, "tables": args.tables, "rows": args.rows, "dim": args.dim,
+        "pooling": args.pooling, "bottom": list(model.bottom_sizes),
+        "top": list(model.top_sizes), "bits": args.bits, "batches": args.batches,
+        "seed": args.seed, "lookups_per_batch": int(sum(i.size for i in log[0][1])),
+    }
     if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(f"table {args.rows} x {args.dim} float32: {table.nbytes / 2**20:.1f} MiB")
-        for k, v in report["tables"].items():
-            print(f"  {k}: {v['bytes'] / 2**20:.1f} MiB ({v['ratio']:.1f}x smaller), "
-                  f"mean |err| {v['mean_abs_err']:.4f}, quantized in {v['seconds']*1e3:.0f} ms")
+        doc = {
+            "config": config,
+            "machine": info,
+            "time_unit": "ms per batch",
+            "build_seconds": build,
+            "float32": {**summ["float32"], "engine": "numpy", "memory_bytes": mem["float32"]},
+            "int8": {**summ["int8"], "engine": "qgemm", "memory_bytes": mem["int8"]},
+            "speedup": speedup,
+            "memory": {
+                "float32_bytes": mem["float32"]["total"],
+                "int8_bytes": mem["int8"]["total"],
+                "ratio": mem["float32"]["total"] / mem["int8"]["total"],
+            },
+            "accuracy": acc,
+        }
+        print(json.dumps(doc, indent=2))
+        sys.stdout.flush()
+        return 0
+    _print_report(config, info, build, summ, speedup, mem, acc)
     sys.stdout.flush()
     return 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _print_report(config, info, build, summ, speedup, mem, acc) -> None:
+    from .models import PARTS
+
+    f, q = summ["float32"], summ["int8"]
+    c = config
+    print("qgemm main job: DLRM-style inference, float32 (numpy) vs int8 (qgemm)")
+    print(f"model    {c['tables']} tables x {c['rows']:,} rows x dim {c['dim']} "
+          f"({c['bits']}-bit rows when quantized), bottom MLP "
+          f"{'-'.join(map(str, c['bottom']))}, top MLP {'-'.join(map(str, c['top']))}, "
+          f"~{c['pooling']} lookups per bag")
+    print(f"machine  {info['cpu']} | isa {info['isa']} | {info['threads']} threads | "
+          f"numba {info['numba']} | numpy {info['numpy']}")
+    print(f"built    model {build['model']:.2f} s, int8 conversion {build['quantize']:.2f} s, "
+          f"click log {build['click_log']:.2f} s ({c['batches']} batches x {c['batch']}, "
+          f"{c['lookups_per_batch']:,} lookups each), kernels {build['warmup']:.2f} s")
+    print()
+    w = 26
+    print(f"{'per batch of ' + str(c['batch']):<{w}}{'float32 (numpy)':>18}{'int8 (qgemm)':>18}"
+          f"{'speed-up':>10}")
+    print("-" * (w + 46))
+    print(f"{'latency, median':<{w}}{f['latency']:>15.3f} ms{q['latency']:>15.3f} ms"
+          f"{speedup['total']:>9.2f}x")
+    print(f"{'latency, p90':<{w}}{f['latency_p90']:>15.3f} ms{q['latency_p90']:>15.3f} ms")
+    print(f"{'throughput':<{w}}{f['throughput']:>11,.0f} smp/s{q['throughput']:>11,.0f} smp/s")
+    for p in (*PARTS, "other"):
+        sp = f"{speedup[p]:>9.2f}x" if p in speedup and speedup[p] else ""
+        print(f"{'  ' + p:<{w}}{f[p]:>8.3f} ms ({f['share'][p]:>4.0%})"
+              f"{q[p]:>8.3f} ms ({q['share'][p]:>4.0%}){sp}")
+    print(f"{'(timed calls)':<{w}}{f['calls']:>18}{q['calls']:>18}")
+    print()
+    mf, mq = mem["float32"], mem["int8"]
+    print(f"{'memory':<{w}}{_mib(mf['total']):>18}{_mib(mq['total']):>18}"
+          f"{mf['total'] / mq['total']:>8.2f}x smaller")
+    for p in ("embedding", "mlp"):
+        print(f"{'  ' + p:<{w}}{_mib(mf[p]):>18}{_mib(mq[p]):>18}{mf[p] / mq[p]:>9.2f}x")
+    print()
+    print(f"accuracy over {acc['predictions']:,} predictions (float32 mean "
+          f"{acc['prediction_mean']:.3f}, std {acc['prediction_std']:.3f}):")
+    print(f"  |Δ prediction| max {acc['max_abs_diff']:.2e}, mean {acc['mean_abs_diff']:.2e}")
+    print(f"  top-{acc['topk']} per batch: {acc['topk_overlap']:.1%} overlap, same top-1 in "
+          f"{acc['top1_agreement']:.1%} of batches; global top-1%: "
+          f"{acc['global_top1pct_overlap']:.1%} overlap")
