@@ -55,13 +55,13 @@ VARIANTS = {
 INT16_MAX = 32767
 
 
-def _tile(a, a_row, lda_bytes, b, b_off, bstride, kgroups, c, mr, MR, NV, VARIANT):
-    """Stub: ``mr x NR`` int32 tile of ``a[a_row:a_row+mr] @ packed`` into ``c`` (row stride NR)."""
+def _tile(a, a_row, lda_bytes, b, b_off, bstride, kgroups, c, init, mr, MR, NV, VARIANT):
+    """Stub: the ``mr x NR`` int32 tile ``init + a[a_row:a_row+mr] @ packed`` into ``c``."""
     raise NotImplementedError  # pragma: no cover - only called from jitted code
 
 
 @overload(_tile, prefer_literal=True, inline="always")
-def _tile_impl(a, a_row, lda_bytes, b, b_off, bstride, kgroups, c, mr, MR, NV, VARIANT):
+def _tile_impl(a, a_row, lda_bytes, b, b_off, bstride, kgroups, c, init, mr, MR, NV, VARIANT):
     if not isinstance(VARIANT, types.IntegerLiteral) or not isinstance(NV, types.IntegerLiteral):
         raise TypingError("_tile: NV and VARIANT must be integer literals")
     variant = VARIANT.literal_value
@@ -69,30 +69,21 @@ def _tile_impl(a, a_row, lda_bytes, b, b_off, bstride, kgroups, c, mr, MR, NV, V
         mr_c = MR.literal_value
         nv_c = NV.literal_value
 
-        def impl(a, a_row, lda_bytes, b, b_off, bstride, kgroups, c, mr, MR, NV, VARIANT):
-            ukr(
-                a,
-                a_row * lda_bytes,
-                lda_bytes,
-                b,
-                b_off,
-                bstride,
-                kgroups,
-                c,
-                mr,
-                mr_c,
-                nv_c,
-                variant,
-            )
+        def impl(a, a_row, lda_bytes, b, b_off, bstride, kgroups, c, init, mr, MR, NV, VARIANT):
+            ukr(a, a_row * lda_bytes, lda_bytes, b, b_off, bstride, kgroups, c, init, mr, mr_c,
+                nv_c, variant)  # fmt: skip
 
         return impl
     sat = variant == PORTABLE_SAT
     nr = NV.literal_value * 16
 
-    def impl_portable(a, a_row, lda_bytes, b, b_off, bstride, kgroups, c, mr, MR, NV, VARIANT):
+    def impl_portable(
+        a, a_row, lda_bytes, b, b_off, bstride, kgroups, c, init, mr, MR, NV, VARIANT
+    ):
         acc = np.zeros(nr, np.int64)
         for r in range(mr):
-            acc[:] = 0
+            for col in range(nr):
+                acc[col] = init[col]
             row = a_row + r
             for g in range(kgroups):
                 a0 = np.int64(a[row, 4 * g])
@@ -163,6 +154,43 @@ def _choose_u8(lo, hi, qmin, qmax):
     return scale, np.int32(zp)
 
 
+# ---------------------------------------------------------------------------- activations
+
+
+@numba.njit(nogil=True)
+def _row_minmax(x, K):
+    """``(min, max, all finite)`` of ``x[:K]`` (contiguous float32).
+
+    Done on the float bits mapped to order-preserving integers (``b ^ ((b >> 31) & 0x7fffffff)``),
+    so the min/max and the non-finite test (exponent all ones) are integer reductions that
+    LLVM vectorises exactly, without fast-math."""
+    xi = x.view(np.int32)
+    mn = np.int64(0x7FFFFFFF)
+    mx = np.int64(-0x80000000)
+    bad = np.int64(0)
+    for k in range(K):
+        b = np.int64(xi[k])
+        o = b ^ ((b >> 31) & 0x7FFFFFFF)
+        mn = min(mn, o)
+        mx = max(mx, o)
+        bad |= np.int64((b & 0x7F800000) == 0x7F800000)
+    t = np.empty(2, np.int32)
+    t[0] = np.int32(mn ^ ((mn >> 31) & 0x7FFFFFFF))
+    t[1] = np.int32(mx ^ ((mx >> 31) & 0x7FFFFFFF))
+    f = t.view(np.float32)
+    return f[0], f[1], bad == 0
+
+
+@numba.njit(nogil=True)
+def _quantize_row(x, q, K, scale, zp, qmax):
+    """``q[:K] = clamp(rint(x / scale) + zp, 0, qmax)``; ``q[K:]`` (k-group padding) = 0."""
+    for k in range(K):
+        v = np.rint(x[k] / scale) + zp
+        q[k] = np.uint8(min(max(v, np.float32(0.0)), qmax))
+    for k in range(K, q.shape[0]):
+        q[k] = 0
+
+
 # ---------------------------------------------------------------------------- the kernels
 
 _KINDS = ("raw", "float", "requant", "dynamic")
@@ -170,7 +198,7 @@ _KINDS = ("raw", "float", "requant", "dynamic")
 
 def _signature(kind: str):
     a2 = types.Array(types.uint8, 2, "A")
-    x2 = types.Array(types.float32, 2, "A")
+    x2 = types.Array(types.float32, 2, "C")
     b1 = types.Array(types.int8, 1, "C")
     i32v = types.Array(types.int32, 1, "C")
     f32v = types.Array(types.float32, 1, "C")
@@ -263,42 +291,28 @@ def gemm_kernel(key):
                     return -2 - j
         # ---- activations: quantize (dynamic) or take as is
         if DYN:
+            lo = np.float32(0.0)
+            hi = np.float32(0.0)
             if M > 0 and K > 0:
                 lo_r = np.empty(M, np.float32)
                 hi_r = np.empty(M, np.float32)
-                bad_r = np.full(M, -1, np.int64)
+                ok_r = np.empty(M, np.bool_)
                 for i in prange(M):
-                    rlo = np.float32(np.inf)
-                    rhi = np.float32(-np.inf)
-                    for k in range(K):
-                        xv = a[i, k]
-                        if not (xv - xv == np.float32(0.0)):
-                            if bad_r[i] < 0:
-                                bad_r[i] = i * K + k
-                        else:
-                            rlo = min(rlo, xv)
-                            rhi = max(rhi, xv)
-                    lo_r[i] = rlo
-                    hi_r[i] = rhi
+                    lo_r[i], hi_r[i], ok_r[i] = _row_minmax(a[i], K)
                 for i in range(M):
-                    if bad_r[i] >= 0:
-                        return bad_r[i]
+                    if not ok_r[i]:
+                        for k in range(K):
+                            xv = a[i, k]
+                            if not (xv - xv == np.float32(0.0)):
+                                return i * K + k
                 lo = lo_r.min()
                 hi = hi_r.max()
-            else:
-                lo = np.float32(0.0)
-                hi = np.float32(0.0)
             sc, zp = _choose_u8(lo, hi, 0, qmax)
             q_scale = sc
             q_zp = zp
-            aq = np.zeros((M, KP), np.uint8)
-            fq = np.float32(qmax)
-            fzp = np.float32(zp)
+            aq = np.empty((M, KP), np.uint8)
             for i in prange(M):
-                for k in range(K):
-                    q = np.rint(a[i, k] / sc) + fzp
-                    q = min(max(q, np.float32(0.0)), fq)
-                    aq[i, k] = np.uint8(q)
+                _quantize_row(a[i], aq[i], K, sc, np.float32(zp), np.float32(qmax))
             amax = np.int64(qmax)
         else:
             aq = a
@@ -337,6 +351,7 @@ def gemm_kernel(key):
             fczp = np.float32(0.0)
             fqmax = np.float32(0.0)
         azp64 = np.int64(q_zp)
+        flo = np.float32(0.0) if relu else np.float32(-np.inf)
         # ---- tasks: column tiles x row chunks
         nct = (N + NR - 1) // NR
         mblocks = (M + MR - 1) // MR
@@ -354,34 +369,76 @@ def gemm_kernel(key):
             boff = p * KG * NP * 4 + (j0 - p * NP) * 4
             nc = min(NR, N - j0)
             scratch = np.empty(MR * NR, np.int32)
+            # per-column integer terms start the accumulators: bias - a_zp * colsum (exact:
+            # every partial sum and the result fit int32 within the K limits of the wrapper)
+            init = np.zeros(NR, np.int32)
+            if not RAW:
+                for cc in range(nc):
+                    j = j0 + cc
+                    init[cc] = np.int32(np.int64(ibias[j]) - azp64 * np.int64(colc[j]))
             for i0 in range(i_start, i_stop, MR):
                 mr = min(MR, i_stop - i0)
                 if use_fast:
-                    _tile(aq, i0, lda, b, boff, bstride, KG, scratch, mr, MR, NV, V_FAST)
+                    _tile(aq, i0, lda, b, boff, bstride, KG, scratch, init, mr, MR, NV, V_FAST)
                 else:
-                    _tile(aq, i0, lda, b, boff, bstride, KG, scratch, mr, MR, NV, V_EXACT)
+                    _tile(aq, i0, lda, b, boff, bstride, KG, scratch, init, mr, MR, NV, V_EXACT)
                 for r in range(mr):
                     i = i0 + r
-                    rs = rowsum[i]
                     orow = out[i]
-                    for cc in range(nc):
-                        j = j0 + cc
-                        v = np.int64(scratch[r * NR + cc])
-                        if RAW:
-                            orow[j] = scratch[r * NR + cc]
-                        else:
-                            v = v - azp64 * np.int64(colc[j]) - rs * np.int64(bzp[j])
-                            v = np.int64(_wrap32(v)) + np.int64(ibias[j])
+                    srow = r * NR
+                    if RAW:
+                        for cc in range(nc):
+                            orow[j0 + cc] = scratch[srow + cc]
+                    elif has_bzp:
+                        rs = rowsum[i]
+                        for cc in range(nc):
+                            j = j0 + cc
+                            v = np.int64(scratch[srow + cc]) - rs * np.int64(bzp[j])
                             if FLOAT:
                                 f = np.float32(v) * q_scale * bscale[j] + fbias[j]
-                                if relu:
-                                    f = max(f, np.float32(0.0))
-                                orow[j] = f
+                                orow[j] = max(f, flo)
                             else:
-                                f = (np.float32(v) + fbq[j]) * mult[j]
-                                f = np.rint(f) + fczp
-                                f = min(max(f, qlo), fqmax)
-                                orow[j] = np.uint8(f)
+                                f = np.rint((np.float32(v) + fbq[j]) * mult[j]) + fczp
+                                orow[j] = np.uint8(min(max(f, qlo), fqmax))
+                    else:
+                        for cc in range(nc):
+                            j = j0 + cc
+                            v32 = scratch[srow + cc]
+                            if FLOAT:
+                                f = np.float32(v32) * q_scale * bscale[j] + fbias[j]
+                                orow[j] = max(f, flo)
+                            else:
+                                f = np.rint((np.float32(v32) + fbq[j]) * mult[j]) + fczp
+                                orow[j] = np.uint8(min(max(f, qlo), fqmax))
         return -1
 
     return gemm
+
+
+@kernel_family("gemm_ceiling")
+def ceiling_kernel(key):
+    """The machine's int8 ceiling: ``reps`` register tiles on L1-resident data per thread.
+
+    Key ``(variant, MR, NV, NR)``; called as ``kern(a, b, kgroups, reps, threads)``.
+    """
+    variant, MR, NV, NR = key
+    V = VARIANTS[variant]
+    sig = types.int64(
+        types.Array(types.uint8, 2, "A"),
+        types.Array(types.int8, 1, "C"),
+        types.int64,
+        types.int64,
+        types.int64,
+    )
+
+    @numba.njit(sig, parallel=True, cache=True, nogil=True)
+    def ceiling(a, b, kgroups, reps, threads):
+        lda = a.strides[0]
+        for _t in prange(threads):
+            scratch = np.empty(MR * NR, np.int32)
+            init = np.zeros(NR, np.int32)
+            for _ in range(reps):
+                _tile(a, 0, lda, b, 0, NR * 4, kgroups, scratch, init, MR, MR, NV, V)
+        return 0
+
+    return ceiling

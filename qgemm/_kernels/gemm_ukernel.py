@@ -1,8 +1,11 @@
 """The int8 GEMM register-tile microkernels, emitted as LLVM IR through a Numba ``@intrinsic``.
 
-``ukr(a, a_off, lda, b, b_off, bstride, kgroups, c, mr, MR, NV, VARIANT)`` computes an
-``mr x NR`` tile (``mr <= MR``) of ``A @ B`` over ``kgroups`` groups of 4 consecutive ``k``
-and stores it, int32, row-major with row stride ``NR`` into ``c`` (a scratch buffer):
+``ukr(a, a_off, lda, b, b_off, bstride, kgroups, c, init, mr, MR, NV, VARIANT)`` computes an
+``mr x NR`` tile (``mr <= MR``) of ``init + A @ B`` over ``kgroups`` groups of 4 consecutive
+``k`` and stores it, int32, row-major with row stride ``NR`` into ``c`` (a scratch buffer):
+
+* ``init`` (int32, ``NR`` entries) starts every row's accumulators: the output stage folds its
+  per-column integer terms (``bias - a_zp * colsum``) in there for free.
 
 * ``a`` is a uint8 array; row ``r`` of the tile starts ``a_off + r * lda`` bytes into its data
   and holds ``4 * kgroups`` readable bytes.
@@ -56,7 +59,9 @@ def _splat(builder: ir.IRBuilder, scalar: ir.Value, vty: ir.VectorType) -> ir.Va
     return builder.shuffle_vector(v, undef, mask)
 
 
-def _emit_tile(builder, module, a_base, lda, b_base, bstride, kgroups, c_base, rows, nv, variant):
+def _emit_tile(
+    builder, module, a_base, lda, b_base, bstride, kgroups, c_base, init_base, rows, nv, variant
+):
     """Emit the k loop of one ``rows x NR`` tile and the store of its accumulators."""
     if variant == VNNI:
         lanes = 16
@@ -79,9 +84,14 @@ def _emit_tile(builder, module, a_base, lda, b_base, bstride, kgroups, c_base, r
         w128 = ir.Constant(w16_t, [128] * 16)
     vbytes = lanes * 4
     accs = []
-    zero = ir.Constant(acc_t, None)
+    inits = []
+    for v in range(nv):
+        p = builder.bitcast(
+            builder.gep(init_base, [ir.Constant(_I64, v * vbytes)]), acc_t.as_pointer()
+        )
+        inits.append(builder.load(p, align=4))
     for _r in range(rows):
-        accs.append([cgutils.alloca_once_value(builder, zero) for _ in range(nv)])
+        accs.append([cgutils.alloca_once_value(builder, inits[v]) for v in range(nv)])
     a_rows = [builder.gep(a_base, [builder.mul(lda, ir.Constant(_I64, r))]) for r in range(rows)]
     with cgutils.for_range(builder, kgroups) as loop:
         k = loop.index
@@ -135,7 +145,7 @@ def _data_i8p(context, builder, aty, val):
 
 
 @intrinsic
-def ukr(typingctx, a, a_off, lda, b, b_off, bstride, kgroups, c, mr, MR, NV, VARIANT):
+def ukr(typingctx, a, a_off, lda, b, b_off, bstride, kgroups, c, init, mr, MR, NV, VARIANT):
     for name, t in (("MR", MR), ("NV", NV), ("VARIANT", VARIANT)):
         if not isinstance(t, types.IntegerLiteral):
             raise TypingError(f"ukr: {name} must be an integer literal, got {t}")
@@ -145,6 +155,8 @@ def ukr(typingctx, a, a_off, lda, b, b_off, bstride, kgroups, c, mr, MR, NV, VAR
         raise TypingError(f"ukr: b must be an int8 array, got {b}")
     if not (isinstance(c, types.Array) and c.dtype == types.int32):
         raise TypingError(f"ukr: c must be an int32 array, got {c}")
+    if not (isinstance(init, types.Array) and init.dtype == types.int32):
+        raise TypingError(f"ukr: init must be an int32 array, got {init}")
     for name, t in (
         ("a_off", a_off),
         ("lda", lda),
@@ -158,19 +170,20 @@ def ukr(typingctx, a, a_off, lda, b, b_off, bstride, kgroups, c, mr, MR, NV, VAR
     mr_max = MR.literal_value
     nv = NV.literal_value
     variant = VARIANT.literal_value
-    sig = types.void(a, a_off, lda, b, b_off, bstride, kgroups, c, mr, MR, NV, VARIANT)
+    sig = types.void(a, a_off, lda, b, b_off, bstride, kgroups, c, init, mr, MR, NV, VARIANT)
 
     def codegen(context, builder, signature, args):
         ints = {}
-        for idx in (1, 2, 4, 5, 6, 8):
+        for idx in (1, 2, 4, 5, 6, 9):
             ints[idx] = context.cast(builder, args[idx], signature.args[idx], types.int64)
         a_base = builder.gep(_data_i8p(context, builder, signature.args[0], args[0]), [ints[1]])
         b_base = builder.gep(_data_i8p(context, builder, signature.args[3], args[3]), [ints[4]])
         c_base = _data_i8p(context, builder, signature.args[7], args[7])
+        init_base = _data_i8p(context, builder, signature.args[8], args[8])
         module = builder.module
         fn = builder.function
         end = fn.append_basic_block("ukr.end")
-        sw = builder.switch(ints[8], end)
+        sw = builder.switch(ints[9], end)
         for rows in range(1, mr_max + 1):
             bb = fn.append_basic_block(f"ukr.rows{rows}")
             sw.add_case(ir.Constant(_I64, rows), bb)
@@ -184,6 +197,7 @@ def ukr(typingctx, a, a_off, lda, b, b_off, bstride, kgroups, c, mr, MR, NV, VAR
                 ints[5],
                 ints[6],
                 c_base,
+                init_base,
                 rows,
                 nv,
                 variant,

@@ -1,0 +1,402 @@
+"""Benchmark of the int8 GEMM (``python -m qgemm bench --only gemm``; the asv suite
+``asv_benchmarks/benchmarks/gemm.py`` uses the same helpers).
+
+FBGEMM's own benchmark shapes (M, N, K), timed in one process with 2 threads, alternating
+rounds with a pause between runtimes (:func:`qgemm._benchtools.compare`), medians:
+
+* static: :func:`qgemm.gemm.quantized_linear` (uint8 output, float bias, ReLU) vs torch's
+  ``quantized::linear_relu`` (engine fbgemm) and ONNX Runtime's ``QLinearMatMul`` (MLAS; no
+  bias/ReLU in that op, so it does less work);
+* dynamic: :func:`qgemm.gemm.linear` (float in/out, bias) vs ``quantized::linear_dynamic`` and
+  ORT's ``com.microsoft.DynamicQuantizeMatMul`` (with bias), and numpy float32 ``x @ w.T + b``;
+* the int8 ceiling of this machine: the VNNI (or AVX2) register tile on L1-resident data, all
+  threads -- large shapes are reported as a fraction of it;
+* packing time vs torch's ``linear_prepack``, and kernel compile/load times.
+
+Activations are full-range uint8 (0..255): exact on every qgemm path; torch's FBGEMM is exact
+here only because this CPU has AVX-512 VNNI (it saturates on AVX2-only CPUs).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from . import _config
+from ._benchtools import Table, compare, geomean
+from .gemm import linear, pack_weight, quantized_linear
+from .quantize import choose_qparams, quantize
+
+SHAPES = [
+    (1, 128, 512),
+    (1, 1024, 256),
+    (1, 4096, 1024),
+    (6, 256, 1024),
+    (6, 4096, 2048),
+    (10, 2048, 256),
+    (20, 4096, 1024),
+    (102, 1024, 512),
+    (102, 2323, 256),
+    (1, 800, 3200),
+    (16, 256, 1500),
+    (64, 800, 320),
+    (64, 768, 512),
+    (128, 128, 128),
+    (256, 512, 256),
+    (1024, 1024, 1024),
+]
+QUICK_SHAPES = [(1, 128, 512), (6, 256, 1024), (64, 768, 512), (256, 512, 256)]
+NAN = float("nan")
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.backends.quantized.engine = "fbgemm"
+    torch.set_num_threads(_config.get_num_threads())
+    return torch
+
+
+def _ort():
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return None
+    return True
+
+
+class Case:
+    """Inputs of one shape, quantized for every runtime (same data everywhere)."""
+
+    def __init__(self, m: int, n: int, k: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.shape = (m, n, k)
+        self.w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)
+        self.bias = (rng.standard_normal(n) * 0.1).astype(np.float32)
+        self.x = rng.standard_normal((m, k)).astype(np.float32)
+        self.pw = pack_weight(self.w)
+        self.xqp = choose_qparams(self.x)  # full-range uint8 activations
+        self.xq = quantize(self.x, self.xqp)
+        y = np.maximum(self.x @ self.w.T + self.bias, 0)
+        self.oqp = choose_qparams(y)
+        self.out_u8 = np.empty((m, n), np.uint8)
+        self.out_f32 = np.empty((m, n), np.float32)
+
+    # qgemm -----------------------------------------------------------------------------
+    def qgemm_static(self):
+        pw, xq, xqp, b, oqp, out = self.pw, self.xq, self.xqp, self.bias, self.oqp, self.out_u8
+        return lambda: quantized_linear(xq, xqp, pw, b, relu=True, out_qparams=oqp, out=out)
+
+    def qgemm_dynamic(self):
+        pw, x, b, out = self.pw, self.x, self.bias, self.out_f32
+        return lambda: linear(x, pw, b, out=out)
+
+    def numpy_f32(self):
+        x, wt, b = self.x, np.ascontiguousarray(self.w.T), self.bias
+        out = self.out_f32
+        return lambda: np.add(np.matmul(x, wt, out=out), b, out=out)
+
+    # torch -----------------------------------------------------------------------------
+    def torch_packed(self, torch):
+        if not hasattr(self, "_tpacked"):
+            qw = torch.quantize_per_channel(
+                torch.from_numpy(self.w),
+                torch.from_numpy(self.pw.scale.astype(np.float64)),
+                torch.zeros(self.shape[1], dtype=torch.int64),
+                0,
+                torch.qint8,
+            )
+            self._tqw = qw
+            self._tpacked = torch.ops.quantized.linear_prepack(qw, torch.from_numpy(self.bias))
+        return self._tpacked
+
+    def torch_static(self, torch):
+        packed = self.torch_packed(torch)
+        tx = torch._make_per_tensor_quantized_tensor(
+            torch.from_numpy(self.xq), float(self.xqp.scale), int(self.xqp.zero_point)
+        )
+        s, z = float(self.oqp.scale), int(self.oqp.zero_point)
+        op = torch.ops.quantized.linear_relu
+        return lambda: op(tx, packed, s, z)
+
+    def torch_dynamic(self, torch):
+        packed = self.torch_packed(torch)
+        tx = torch.from_numpy(self.x)
+        op = torch.ops.quantized.linear_dynamic
+        return lambda: op(tx, packed, False)
+
+    # ONNX Runtime ----------------------------------------------------------------------
+    def _session(self, graph):
+        import onnx
+        import onnxruntime as ort
+
+        model = onnx.helper.make_model(
+            graph,
+            opset_imports=[
+                onnx.helper.make_opsetid("", 17),
+                onnx.helper.make_opsetid("com.microsoft", 1),
+            ],
+        )
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = _config.get_num_threads()
+        opts.inter_op_num_threads = 1
+        return ort.InferenceSession(
+            model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+        )
+
+    def ort_static(self):
+        from onnx import TensorProto, helper, numpy_helper
+
+        m, n, k = self.shape
+        codes = self.pw.unpack()
+        inits = [
+            numpy_helper.from_array(np.float32(self.xqp.scale).reshape(()), "a_scale"),
+            numpy_helper.from_array(np.uint8(self.xqp.zero_point).reshape(()), "a_zp"),
+            numpy_helper.from_array(np.ascontiguousarray(codes.T), "b"),
+            numpy_helper.from_array(self.pw.scale.astype(np.float32), "b_scale"),
+            numpy_helper.from_array(np.zeros(n, np.int8), "b_zp"),
+            numpy_helper.from_array(np.float32(self.oqp.scale).reshape(()), "y_scale"),
+            numpy_helper.from_array(np.uint8(self.oqp.zero_point).reshape(()), "y_zp"),
+        ]
+        node = helper.make_node(
+            "QLinearMatMul",
+            ["a", "a_scale", "a_zp", "b", "b_scale", "b_zp", "y_scale", "y_zp"],
+            ["y"],
+        )
+        graph = helper.make_graph(
+            [node],
+            "qlinear",
+            [helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k])],
+            [helper.make_tensor_value_info("y", TensorProto.UINT8, [m, n])],
+            inits,
+        )
+        sess = self._session(graph)
+        feed = {"a": self.xq}
+        return lambda: sess.run(None, feed)
+
+    def ort_dynamic(self):
+        from onnx import TensorProto, helper, numpy_helper
+
+        m, n, k = self.shape
+        codes = self.pw.unpack()
+        inits = [
+            numpy_helper.from_array(np.ascontiguousarray(codes.T), "b"),
+            numpy_helper.from_array(self.pw.scale.astype(np.float32), "b_scale"),
+            numpy_helper.from_array(np.zeros(n, np.int8), "b_zp"),
+            numpy_helper.from_array(self.bias, "bias"),
+        ]
+        node = helper.make_node(
+            "DynamicQuantizeMatMul",
+            ["x", "b", "b_scale", "b_zp", "bias"],
+            ["y"],
+            domain="com.microsoft",
+        )
+        graph = helper.make_graph(
+            [node],
+            "dynq",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+            inits,
+        )
+        sess = self._session(graph)
+        feed = {"x": self.x}
+        return lambda: sess.run(None, feed)
+
+
+def int8_ceiling(seconds: float = 0.3) -> float:
+    """GOPS (2 ops per multiply-add) of this machine's int8 register tile on L1-resident data,
+    all qgemm threads: the VNNI 6x64 tile, or the AVX2 4x16 tile (``vpmaddubsw``)."""
+    from ._kernels.gemm import ceiling_kernel
+
+    isa = _config.get_isa()
+    if isa == "avx512vnni":
+        variant, mr, nv, nr = "vnni", 6, 4, 64
+    elif isa == "avx2":
+        variant, mr, nv, nr = "avx2", 4, 2, 16
+    else:
+        variant, mr, nv, nr = "portable", 4, 1, 16
+    kern = ceiling_kernel((variant, mr, nv, nr))
+    threads = _config.sync_threads()
+    kg = 64
+    a = np.ones((mr, 4 * kg), np.uint8)
+    b = np.ones(kg * nr * 4, np.int8)
+    kern(a, b, kg, 10, threads)
+    reps = 200
+    while True:
+        t0 = time.perf_counter()
+        kern(a, b, kg, reps, threads)
+        dt = time.perf_counter() - t0
+        if dt > seconds:
+            break
+        reps *= 4
+    best = dt
+    for _ in range(2):
+        t0 = time.perf_counter()
+        kern(a, b, kg, reps, threads)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * threads * reps * mr * nr * 4 * kg / best / 1e9
+
+
+def pack_times(shapes, torch) -> Table:
+    """Pack time of qgemm vs torch's ``linear_prepack`` (quantized weight given)."""
+    rows = []
+    for m, n, k in shapes:
+        c = Case(m, n, k)
+        codes = c.pw.unpack()
+        qp = c.pw.qparams
+        t_q = _median(lambda codes=codes, qp=qp: pack_weight(codes, qparams=qp))
+        t_f = _median(lambda c=c: pack_weight(c.w))
+        if torch is not None:
+            qw = c.torch_packed(torch) and c._tqw
+            b = torch.from_numpy(c.bias)
+            t_t = _median(lambda qw=qw, b=b: torch.ops.quantized.linear_prepack(qw, b))
+        else:
+            t_t = NAN
+        rows.append([f"{n}x{k}", t_q * 1e3, t_f * 1e3, t_t * 1e3, t_t / t_q])
+    return Table(
+        "GEMM weight packing (ms)",
+        ["N x K", "qgemm int8", "qgemm float32 (+quantize)", "torch prepack", "vs torch"],
+        rows,
+        ["torch prepack is given an already quantized qint8 tensor, like 'qgemm int8'"],
+    )
+
+
+def _median(fn, n: int = 5) -> float:
+    fn()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def compile_times() -> Table:
+    """Cold compile (fresh process, empty cache dir) and warm-cache load of the GEMM kernels
+    used by one ``quantized_linear`` + one ``linear`` call, measured in subprocesses."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    code = (
+        "import time, numpy as np; t0 = time.perf_counter();"
+        "from qgemm.gemm import pack_weight, linear, quantized_linear;"
+        "from qgemm.quantize import QParams;"
+        "pw = pack_weight(np.ones((64, 64), np.float32));"
+        "quantized_linear(np.ones((1, 64), np.uint8), QParams(0.1, 3), pw, "
+        "out_qparams=QParams(0.1, 3)); linear(np.ones((1, 64), np.float32), pw);"
+        "print(time.perf_counter() - t0)"
+    )
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        env = dict(os.environ, QGEMM_CACHE_DIR=d, NUMBA_CACHE_DIR=d)
+        for label in ("cold (empty cache)", "warm disk cache"):
+            r = subprocess.run(
+                [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+            )
+            try:
+                rows.append([label, float(r.stdout.strip().splitlines()[-1])])
+            except (ValueError, IndexError):
+                rows.append([label, NAN])
+    return Table(
+        "GEMM kernel compile time (s, import excluded: 2 kernels, requant + dynamic)",
+        ["case", "seconds"],
+        rows,
+    )
+
+
+def run(*, quick: bool = False, progress: Any = None) -> list[Table]:
+    shapes = QUICK_SHAPES if quick else SHAPES
+    rounds = 2 if quick else 3
+    torch = _torch()
+    ort = _ort()
+    if progress is not None and hasattr(progress, "total"):
+        progress.total = len(shapes) + 3
+    ceiling = int8_ceiling()
+    if progress is not None:
+        progress.step("int8 ceiling")
+    static_rows, dyn_rows = [], []
+    r_fb_s, r_ort_s, r_fb_d, r_ort_d, small_fb, small_ort = [], [], [], [], [], []
+    for m, n, k in shapes:
+        c = Case(m, n, k)
+        ops = 2.0 * m * n * k
+        cont = {"qgemm": c.qgemm_static()}
+        if torch is not None:
+            cont["fbgemm"] = c.torch_static(torch)
+        if ort:
+            cont["ort"] = c.ort_static()
+        ts = compare(cont, rounds=rounds)
+        tq = ts["qgemm"]
+        tf = ts.get("fbgemm", NAN)
+        to = ts.get("ort", NAN)
+        static_rows.append(
+            [
+                f"{m}x{n}x{k}",
+                tq * 1e6,
+                tf * 1e6,
+                to * 1e6,
+                tf / tq,
+                to / tq,
+                ops / tq / 1e9,
+                ops / tq / 1e9 / ceiling,
+            ]
+        )
+        r_fb_s.append(tf / tq)
+        r_ort_s.append(to / tq)
+        if m <= 6:
+            small_fb.append(tf / tq)
+            small_ort.append(to / tq)
+        cont = {"qgemm": c.qgemm_dynamic(), "numpy f32": c.numpy_f32()}
+        if torch is not None:
+            cont["fbgemm"] = c.torch_dynamic(torch)
+        if ort:
+            cont["ort"] = c.ort_dynamic()
+        ts = compare(cont, rounds=rounds)
+        tq = ts["qgemm"]
+        tf = ts.get("fbgemm", NAN)
+        to = ts.get("ort", NAN)
+        tn = ts["numpy f32"]
+        dyn_rows.append(
+            [f"{m}x{n}x{k}", tq * 1e6, tf * 1e6, to * 1e6, tn * 1e6, tf / tq, to / tq, tn / tq]
+        )
+        r_fb_d.append(tf / tq)
+        r_ort_d.append(to / tq)
+        if progress is not None:
+            progress.step(f"{m}x{n}x{k}")
+    isa = _config.get_isa()
+    threads = _config.get_num_threads()
+    static = Table(
+        f"GEMM static: quantized_linear (u8 out, bias, ReLU) vs FBGEMM linear_relu / ORT "
+        f"QLinearMatMul, us ({isa}, {threads} threads)",
+        ["M x N x K", "qgemm", "fbgemm", "ort", "vs fbgemm", "vs ort", "GOPS", "of ceiling"],
+        static_rows,
+        [
+            f"int8 ceiling of this machine ({isa} register tile, L1-resident, {threads} "
+            f"threads): {ceiling:.0f} GOPS",
+            f"geomean vs fbgemm {geomean(r_fb_s):.2f}x, vs ort {geomean(r_ort_s):.2f}x; "
+            f"M <= 6: min vs fbgemm {min(small_fb, default=NAN):.2f}x, "
+            f"min vs ort {min(small_ort, default=NAN):.2f}x",
+            "ratios > 1: qgemm faster (peer time / qgemm time, same run, medians)",
+        ],
+    )
+    dynamic = Table(
+        "GEMM dynamic: linear (float in/out, bias) vs FBGEMM linear_dynamic / ORT "
+        "DynamicQuantizeMatMul / numpy float32, us",
+        ["M x N x K", "qgemm", "fbgemm", "ort", "numpy f32", "vs fbgemm", "vs ort", "vs numpy"],
+        dyn_rows,
+        [f"geomean vs fbgemm {geomean(r_fb_d):.2f}x, vs ort {geomean(r_ort_d):.2f}x"],
+    )
+    tables = [static, dynamic]
+    tables.append(pack_times(shapes[-4:] if not quick else shapes[-2:], torch))
+    if progress is not None:
+        progress.step("pack")
+    tables.append(compile_times())
+    if progress is not None:
+        progress.step("compile")
+    return tables
