@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 
 from ._validate import check_choice
+from .embedding import embedding_bag
+from .gemm import linear, pack_weight, quantized_linear
 from .quantize import QParams, RowwiseQuantizedTable, quantize_rowwise
 
 __all__ = ["from_torch", "Linear", "EmbeddingBag"]
@@ -69,8 +71,6 @@ class Linear:
 
     def __call__(self, x: Any, x_qparams: QParams | None = None, *, relu: bool = False,
                  out: np.ndarray | None = None) -> np.ndarray:
-        from .gemm import linear, quantized_linear
-
         if x_qparams is None:
             return linear(x, self.weight, self.bias, relu=relu, out=out)
         return quantized_linear(x, x_qparams, self.weight, self.bias, relu=relu,
@@ -105,8 +105,6 @@ class EmbeddingBag:
 
     def __call__(self, indices: Any, offsets: Any = None, per_sample_weights: Any = None, *,
                  out: np.ndarray | None = None) -> np.ndarray:
-        from .embedding import embedding_bag
-
         return embedding_bag(self.table, indices, offsets, mode=self.mode,
                              per_sample_weights=per_sample_weights,
                              include_last_offset=self.include_last_offset,
@@ -140,8 +138,6 @@ def _qparams_of(qw: Any, torch: Any, *, dtype: str) -> QParams:
 
 
 def _linear_from_quantized(module: Any, torch: Any, static: bool) -> Linear:
-    from .gemm import pack_weight
-
     qw = module.weight()
     if qw.dtype != torch.qint8:
         raise TypeError(f"module: expected a qint8 weight, got {qw.dtype}")
@@ -214,8 +210,6 @@ def from_torch(module: Any, *, bits: int | None = None, granularity: str = "chan
     if isinstance(module, ao.quantized.EmbeddingBag):
         return _embedding_from_quantized(module, torch)
     if isinstance(module, torch.nn.Linear):
-        from .gemm import pack_weight
-
         w = np.ascontiguousarray(_np(module.weight), dtype=np.float32)
         b = None if module.bias is None else np.ascontiguousarray(_np(module.bias),
                                                                    dtype=np.float32)

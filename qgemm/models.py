@@ -47,6 +47,8 @@ from ._kernels.dlrm import (
     interaction_kernel,
 )
 from ._validate import as_array, check_choice, check_finite, check_int
+from .embedding import embedding_bag
+from .gemm import PackedWeight, linear, pack_weight
 from .quantize import RowwiseQuantizedTable, quantize_rowwise
 
 __all__ = ["DLRM", "PARTS", "random_table"]
@@ -55,13 +57,14 @@ PARTS = ("embedding", "mlp", "interaction")
 """The parts ``predict(..., timings=...)`` reports."""
 
 _INDEX_DTYPES = (np.int32, np.int64)
+_INDEX_NAMES = {np.dtype(np.int32): "int32", np.dtype(np.int64): "int64"}
 _ENGINES = ("numpy", "qgemm")
 _KEY_RE = re.compile(r"^(?:module\.)?(bot_l|top_l)\.(\d+)\.(weight|bias)$")
 _EMB_RE = re.compile(r"^(?:module\.)?emb_l\.(\d+)\.weight$")
 
 
 def _is_packed(w: Any) -> bool:
-    return type(w).__name__ == "PackedWeight" and hasattr(w, "unpack")
+    return isinstance(w, PackedWeight)
 
 
 def _to_numpy(name: str, v: Any) -> np.ndarray:
@@ -79,9 +82,13 @@ def _to_numpy(name: str, v: Any) -> np.ndarray:
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
-    """Overflow-free float32 logistic function."""
-    e = np.exp(-np.abs(z))
-    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32, copy=False)
+    """Float32 logistic function, computed in float64 with the argument clipped to +-700
+    (no overflow; the clip only affects arguments whose float32 result is already 0 or 1)."""
+    z64 = np.clip(z, -700.0, 700.0, dtype=np.float64)
+    np.negative(z64, out=z64)
+    np.exp(z64, out=z64)
+    z64 += 1.0
+    return np.reciprocal(z64, out=z64).astype(np.float32)
 
 
 def _interaction_pairs(n: int, self_interaction: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -213,6 +220,12 @@ class DLRM:
             engine = "numpy" if self.precision == "float32" else "qgemm"
         self.engine = check_choice("engine", engine, _ENGINES)
         self._li, self._lj = _interaction_pairs(len(self.tables) + 1, self.self_interaction)
+        # hot-path constants
+        self._rows = self.rows
+        self._num_dense = self.num_dense
+        self._dim = d
+        self._num_interactions = self.num_interactions
+        self._quantized_tables = [isinstance(t, RowwiseQuantizedTable) for t in self.tables]
 
     # -- construction ----------------------------------------------------------------------
     @staticmethod
@@ -412,8 +425,6 @@ class DLRM:
         symmetric, per output channel by default), every table quantized row-wise to ``bits``
         (8, 4 or 2) by :func:`qgemm.quantize_rowwise`.  Biases stay float32 (fused into the
         GEMM's output stage).  ``self`` is unchanged."""
-        from .gemm import pack_weight
-
         if self.precision != "float32":
             raise TypeError(f"quantize: expected a float32 model, got a {self.precision} one")
         bits = check_int("bits", bits)
@@ -542,8 +553,9 @@ class DLRM:
     def _check_inputs(
         self, dense: Any, indices: Any, offsets: Any
     ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray | None]]]:
-        dense = as_array("dense", dense, dtypes=(np.float32,), ndim=2)
-        if dense.shape[1] != self.num_dense:
+        if not (type(dense) is np.ndarray and dense.dtype == np.float32 and dense.ndim == 2):
+            dense = as_array("dense", dense, dtypes=(np.float32,), ndim=2)
+        if dense.shape[1] != self._num_dense:
             raise ValueError(f"dense: expected {self.num_dense} features per sample, got "
                              f"shape {dense.shape}")
         check_finite("dense", dense)
@@ -569,25 +581,32 @@ class DLRM:
             raise ValueError(f"offsets: expected {nt} arrays (one per table), got {len(off_l)}")
         bags = []
         for k in range(nt):
-            rows = self.tables[k].shape[0]
-            off = off_l[k]
-            if off is None:
-                idx = as_array(f"indices[{k}]", idx_l[k], dtypes=_INDEX_DTYPES, ndim=2)
+            rows = self._rows[k]
+            idx, off = idx_l[k], off_l[k]
+            fixed = off is None
+            if not (type(idx) is np.ndarray and idx.dtype in _INDEX_NAMES
+                    and idx.ndim == (2 if fixed else 1)):
+                idx = as_array(f"indices[{k}]", idx, dtypes=_INDEX_DTYPES,
+                               ndim=2 if fixed else 1)
+            if fixed:
                 if idx.shape[0] != batch:
                     raise ValueError(f"indices[{k}]: expected {batch} fixed-size bags (the "
                                      f"batch of dense), got shape {idx.shape}")
             else:
-                idx = as_array(f"indices[{k}]", idx_l[k], dtypes=_INDEX_DTYPES, ndim=1)
-                off = as_array(f"offsets[{k}]", off, dtypes=_INDEX_DTYPES, ndim=1)
+                if not (type(off) is np.ndarray and off.dtype in _INDEX_NAMES
+                        and off.ndim == 1):
+                    off = as_array(f"offsets[{k}]", off, dtypes=_INDEX_DTYPES, ndim=1)
                 if off.shape[0] != batch:
                     raise ValueError(f"offsets[{k}]: expected {batch} offsets (one per sample "
                                      f"of dense), got {off.shape[0]}")
-                off = np.ascontiguousarray(off)
-            idx = np.ascontiguousarray(idx)
+                if not off.flags.c_contiguous:
+                    off = np.ascontiguousarray(off)
+            if not idx.flags.c_contiguous:
+                idx = np.ascontiguousarray(idx)
             flat = idx.reshape(-1)
-            chk = off if off is not None else flat[:0]
-            code, pos, val = check_bags_kernel((flat.dtype.name, chk.dtype.name))(
-                flat, chk, rows)
+            chk = flat[:0] if fixed else off
+            code, pos, val = check_bags_kernel(
+                (_INDEX_NAMES[flat.dtype], _INDEX_NAMES[chk.dtype]))(flat, chk, rows)
             if code:
                 _raise_bags(k, code, pos, val, rows, flat.shape[0])
             bags.append((idx, off))
@@ -599,8 +618,6 @@ class DLRM:
         for i, (w, b) in enumerate(layers):
             relu = last_relu or i < nl - 1
             if _is_packed(w):
-                from .gemm import linear
-
                 x = linear(x, w, b, relu=relu)
             else:
                 y = x @ w.T
@@ -614,9 +631,9 @@ class DLRM:
     def _interact(self, x: np.ndarray, emb: np.ndarray) -> np.ndarray:
         batch, d = x.shape
         if self.engine == "qgemm":
-            out = np.empty((batch, d + self.num_interactions), dtype=np.float32)
+            out = np.empty((batch, d + self._num_interactions), dtype=np.float32)
             if batch:
-                parallel = batch * self.num_interactions * d >= PARALLEL_MIN_MACS
+                parallel = batch * self._num_interactions * d >= PARALLEL_MIN_MACS
                 if parallel:
                     _config.sync_threads()
                 interaction_kernel((self.self_interaction, _config.fastmath_flags(), parallel))(
@@ -662,11 +679,9 @@ class DLRM:
         t0 = clock()
         x = self._mlp(self.bottom, dense, last_relu=True)
         t1 = clock()
-        emb = np.empty((len(self.tables), batch, self.dim), dtype=np.float32)
+        emb = np.empty((len(self.tables), batch, self._dim), dtype=np.float32)
         for k, (table, (idx, off)) in enumerate(zip(self.tables, bags, strict=True)):
-            if isinstance(table, RowwiseQuantizedTable) or self.engine == "qgemm":
-                from .embedding import embedding_bag
-
+            if self._quantized_tables[k] or self.engine == "qgemm":
                 embedding_bag(table, idx, off, mode="sum", out=emb[k])
             else:
                 _numpy_bag_sum(table, idx, off, emb[k])

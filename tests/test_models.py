@@ -16,8 +16,6 @@ Tolerances:
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 from hypothesis import given
@@ -35,24 +33,6 @@ INT8_TOL = 0.03
 INT4_TOL = 0.05
 
 
-
-def _importable(name: str) -> bool:
-    try:
-        importlib.import_module(name)
-    except ImportError:
-        return False
-    return True
-
-
-HAVE_GEMM = _importable("qgemm.gemm")
-HAVE_EMB = _importable("qgemm.embedding")
-needs_gemm = pytest.mark.skipif(not HAVE_GEMM, reason="qgemm.gemm (issue 3) not in this build")
-needs_emb = pytest.mark.skipif(
-    not HAVE_EMB, reason="qgemm.embedding (issue 4) not in this build"
-)
-needs_both = pytest.mark.skipif(
-    not (HAVE_GEMM and HAVE_EMB), reason="qgemm.gemm / qgemm.embedding not in this build"
-)
 
 
 def ref(model: DLRM, dense, indices, offsets, tables=None):
@@ -77,8 +57,6 @@ def model_self():
 
 @pytest.fixture(scope="module")
 def qmodel(model):
-    if not HAVE_GEMM:
-        pytest.skip("qgemm.gemm (issue 3) not in this build")
     return model.quantize(bits=8)
 
 
@@ -207,7 +185,6 @@ def test_memory(model):
 # -- quantized paths ----------------------------------------------------------------------------
 
 
-@needs_emb
 @pytest.mark.parametrize("batch", [1, 5, 40])
 def test_qgemm_engine_float_tables(model, batch, rng):
     fast = model.with_engine("qgemm")
@@ -218,7 +195,6 @@ def test_qgemm_engine_float_tables(model, batch, rng):
                                ref(model, dense, indices, offsets), atol=FLOAT_TOL)
 
 
-@needs_emb
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_quantized_tables_exact_to_dequantized_reference(model, bits, rng):
     tables = [qgemm.quantize_rowwise(t, bits=bits) for t in model.tables]
@@ -231,7 +207,6 @@ def test_quantized_tables_exact_to_dequantized_reference(model, bits, rng):
                                ref(model, dense, indices, offsets, tables=deq), atol=FLOAT_TOL)
 
 
-@needs_both
 @pytest.mark.parametrize("batch", [1, 3, 64])
 def test_int8_forward_close_to_reference(model, qmodel, batch):
     assert qmodel.precision == "int8" and qmodel.table_bits == 8
@@ -242,7 +217,6 @@ def test_int8_forward_close_to_reference(model, qmodel, batch):
     assert err.max() <= INT8_TOL, err.max()
 
 
-@needs_both
 def test_int8_self_interaction_and_4bit(model_self):
     dense, indices, offsets = model_self.random_inputs(30, pooling=3, seed=8)
     expect = ref(model_self, dense, indices, offsets)
@@ -252,7 +226,6 @@ def test_int8_self_interaction_and_4bit(model_self):
         assert np.abs(q.predict(dense, indices, offsets) - expect).max() <= tol
 
 
-@needs_both
 def test_int8_model_memory_and_timings(model, qmodel):
     mem_f, mem_q = model.memory(), qmodel.memory()
     assert mem_q["embedding"] == sum(t.nbytes for t in qmodel.tables)
@@ -268,7 +241,6 @@ def test_int8_model_memory_and_timings(model, qmodel):
     assert model.precision == "float32" and model.engine == "numpy"
 
 
-@needs_gemm
 def test_quantize_errors(model, qmodel):
     with pytest.raises(ValueError, match="bits"):
         model.quantize(bits=3)
@@ -379,7 +351,6 @@ def _torch():
     return torch
 
 
-@needs_gemm
 def test_from_torch_linear():
     torch = _torch()
     torch.manual_seed(0)
@@ -399,7 +370,6 @@ def test_from_torch_linear():
     assert nobias.bias is None
 
 
-@needs_gemm
 def test_from_torch_dynamic_quantized_linear():
     torch = _torch()
     torch.manual_seed(1)
@@ -413,7 +383,6 @@ def test_from_torch_dynamic_quantized_linear():
     assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
 
 
-@needs_emb
 @pytest.mark.parametrize("bits", [None, 8, 4])
 def test_from_torch_embedding_bag(bits):
     torch = _torch()
@@ -434,7 +403,6 @@ def test_from_torch_embedding_bag(bits):
         np.testing.assert_allclose(got, want, atol=0.6 if bits == 4 else 0.03)
 
 
-@needs_emb
 @pytest.mark.parametrize("bits", [8, 4])
 def test_from_torch_quantized_embedding_bag(bits):
     torch = _torch()
