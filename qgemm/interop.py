@@ -193,6 +193,21 @@ def from_torch(module: Any, *, bits: int | None = None, granularity: str = "chan
     Returns
     -------
     Linear, EmbeddingBag or qgemm.models.DLRM
+
+    Examples
+    --------
+    >>> import numpy as np, pytest
+    >>> torch = pytest.importorskip("torch")
+    >>> lin = torch.nn.Linear(16, 4)
+    >>> layer = from_torch(lin)
+    >>> layer
+    Linear(out=4, in=16, bias=True)
+    >>> x = np.ones((2, 16), np.float32)
+    >>> bool(np.allclose(layer(x), lin(torch.from_numpy(x)).detach().numpy(), atol=0.05))
+    True
+    >>> bag = from_torch(torch.nn.EmbeddingBag(100, 8), bits=4)
+    >>> bag
+    EmbeddingBag(rows=100, dim=8, 4-bit, mode='mean')
     """
     try:
         import torch

@@ -123,6 +123,15 @@ def test_float_forward_hypothesis(model, batch, pooling, seed):
                                ref(model, dense, indices, offsets), atol=FLOAT_TOL)
 
 
+@given(batch=st.integers(1, 12), pooling=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_qgemm_engine_hypothesis(model, batch, pooling, seed):
+    fast = model.with_engine("qgemm")
+    dense, indices, offsets = model.random_inputs(batch, pooling=pooling, seed=seed,
+                                                  index_dtype=np.int32)
+    np.testing.assert_allclose(fast.predict(dense, indices, offsets),
+                               ref(model, dense, indices, offsets), atol=FLOAT_TOL)
+
+
 def test_timings_hook(model):
     dense, indices, offsets = model.random_inputs(5, seed=0)
     t = {"embedding": 1.0}
@@ -381,6 +390,30 @@ def test_from_torch_dynamic_quantized_linear():
     got = layer(x.numpy())
     want = dq(x).numpy()
     assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+
+
+def test_from_torch_static_quantized_linear():
+    torch = _torch()
+    from qgemm import QParams
+
+    tq = torch.ao.quantization
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(tq.QuantStub(), torch.nn.Linear(20, 7), tq.DeQuantStub())
+    net.qconfig = tq.get_default_qconfig("fbgemm")
+    prepared = tq.prepare(net)
+    prepared(torch.randn(64, 20))
+    qnet = tq.convert(prepared)
+    qlin = qnet[1]
+    layer = from_torch(qlin)
+    assert layer.output_qparams is not None
+    assert float(layer.output_qparams.scale) == pytest.approx(qlin.scale, rel=1e-6)
+    np.testing.assert_array_equal(layer.weight.unpack(), qlin.weight().int_repr().numpy())
+    xq = qnet[0](torch.randn(9, 20))
+    x_qp = QParams(np.float32(xq.q_scale()), np.int32(xq.q_zero_point()))
+    got = layer(xq.int_repr().numpy(), x_qp)
+    want = qlin(xq).int_repr().numpy()
+    assert got.dtype == np.uint8
+    assert np.abs(got.astype(np.int32) - want.astype(np.int32)).max() <= 1  # 1 LSB
 
 
 @pytest.mark.parametrize("bits", [None, 8, 4])
