@@ -14,7 +14,7 @@ IMPLS = ["qgemm int8", "numpy fp32", "torch fp32", "torch int8"]
 
 
 class DLRMInference:
-    params = ([1, 16, 128, 512], IMPLS)
+    params = ([1, 128], IMPLS)
     param_names = ["batch", "impl"]
     timeout = 600
 
