@@ -95,12 +95,16 @@ def _is_rowwise(v: Any) -> bool:
 
 
 def _is_packed(v: Any) -> bool:
-    """Packed GEMM weights, by duck typing (``qgemm.gemm`` is not imported here): an object
-    with ``dequantize()`` and ``requantize_like(x)``, or qgemm's ``PackedWeight`` (``unpack()``
-    -> ``(codes, qparams)``, rebuilt with ``qgemm.gemm.pack_weight``)."""
+    """Packed GEMM weights, by duck typing (``qgemm.gemm`` is not imported here): any object
+    with ``dequantize()`` and ``requantize_like(x)``, or qgemm's ``PackedWeight``
+    (``dequantize()``, ``unpack()``, ``qparams``; rebuilt with ``qgemm.gemm.pack_weight``)."""
     if callable(getattr(v, "dequantize", None)) and callable(getattr(v, "requantize_like", None)):
         return True
-    return type(v).__name__ == "PackedWeight" and callable(getattr(v, "unpack", None))
+    return (
+        type(v).__name__ == "PackedWeight"
+        and type(v).__module__.startswith("qgemm")
+        and callable(getattr(v, "dequantize", None))
+    )
 
 
 def _leaf_info(v: Any, where: str) -> _LeafInfo:
@@ -115,8 +119,10 @@ def _leaf_info(v: Any, where: str) -> _LeafInfo:
     if _is_rowwise(v):
         return _LeafInfo("rowwise", tuple(v.shape), np.dtype(np.float32), meta=v.bits)
     if _is_packed(v):
-        x = _dequantize_packed(v)
-        return _LeafInfo("packed", tuple(x.shape), np.dtype(np.float32), meta=v)
+        shape = getattr(v, "shape", None)
+        if not isinstance(shape, tuple):
+            shape = tuple(_dequantize_packed(v).shape)
+        return _LeafInfo("packed", tuple(int(d) for d in shape), np.dtype(np.float32), meta=v)
     hint = " (wrap Python numbers in np.asarray)" if isinstance(v, numbers.Number) else ""
     raise TypeError(
         f"{where}: expected a numpy array, numpy scalar or quantized table, "
@@ -223,22 +229,29 @@ def _rebuild(spec: _Spec, values: list) -> Any:
 
 
 def _dequantize_packed(v: Any) -> np.ndarray:
-    if callable(getattr(v, "requantize_like", None)):
-        x = v.dequantize()
-    else:  # qgemm.gemm.PackedWeight
-        from .quantize import dequantize
-
-        codes, qp = v.unpack()
-        x = dequantize(codes, qp)
-    return np.asarray(x, dtype=np.float32)
+    return np.asarray(v.dequantize(), dtype=np.float32)
 
 
 def _requantize_packed(template: Any, x: np.ndarray) -> Any:
+    """Re-quantize ``x`` like ``template`` (the first model's packed weight)."""
     if callable(getattr(template, "requantize_like", None)):
         return template.requantize_like(x)
-    from . import gemm  # noqa: PLC0415 - optional at import time
+    # qgemm.gemm.PackedWeight: symmetric int8 with the template's granularity and group size;
+    # 7-bit (reduce_range) when the template is -- recorded, or recognised by its codes (a
+    # symmetric full-range weight has a code of magnitude 127 in every non-zero channel).
+    from .gemm import pack_weight
 
-    return gemm.pack_weight(x, **template.pack_options())
+    qp = template.qparams
+    rr = getattr(template, "reduce_range", None)
+    if rr is None:
+        codes = template.unpack()
+        rr = bool(codes.size) and int(np.abs(codes.astype(np.int16)).max()) <= 63
+    return pack_weight(
+        np.ascontiguousarray(x, dtype=np.float32),
+        granularity=template.granularity,
+        group_size=qp.group_size if template.granularity == "group" else None,
+        reduce_range=bool(rr),
+    )
 
 
 def _flat_float(v: Any, info: _LeafInfo) -> np.ndarray:
@@ -554,8 +567,17 @@ def average(
         built empty, e.g. ``OrderedDict``): float leaves as ``sum(w_i x_i) / sum(w_i)``
         computed in float64 and rounded once to the leaf's dtype; numpy scalars come back as
         numpy scalars; quantized leaves are dequantized, averaged in float and re-quantized
-        with the same settings (rowwise tables with the same ``bits``).  Non-finite values
-        propagate.
+        with the first model's settings: rowwise tables with the same ``bits``
+        (:func:`~qgemm.quantize.quantize_rowwise`), ``PackedWeight`` objects symmetric int8 with
+        the same granularity and group size, and 7-bit when the first model's weight is
+        (:func:`qgemm.gemm.pack_weight`).  Non-finite values propagate.
+
+    Notes
+    -----
+    A list or tuple of models is already in memory, so it is averaged leaf by leaf, reading
+    every model once in a single pass per leaf (no accumulator); any other iterable is
+    streamed model by model into a float64 accumulator (read and written once per model).
+    Both perform the same float64 operations in the same order: the results are identical.
 
     Raises
     ------

@@ -739,3 +739,24 @@ def test_train_decentralized_constant_lr_and_errors():
         train_decentralized(init, sites, rounds=1, lr=0.1, evaluate=lambda p: "good")
     with pytest.raises(TypeError, match="init_params"):
         train_decentralized([1], sites, rounds=1, lr=0.1)
+
+
+@pytest.mark.parametrize("granularity, reduce_range", [("channel", False), ("tensor", False),
+                                                       ("group", False), ("channel", True)])
+def test_average_packed_weights(granularity, reduce_range):
+    gemm = pytest.importorskip("qgemm.gemm")
+    rng = np.random.default_rng(8)
+    kw = dict(granularity=granularity, reduce_range=reduce_range,
+              group_size=2 if granularity == "group" else None)
+    floats = [rng.standard_normal((6, 5)).astype(np.float32) for _ in range(3)]
+    packed = [gemm.pack_weight(f, **kw) for f in floats]
+    got = average([{"fc": {"weight": p}} for p in packed], [1.0, 0.5, 2.0])["fc"]["weight"]
+    deq = ref_average_leaf([p.dequantize() for p in packed], [1.0, 0.5, 2.0])
+    want = gemm.pack_weight(deq, **kw)
+    assert isinstance(got, gemm.PackedWeight)
+    assert got.shape == (6, 5) and got.granularity == granularity
+    np.testing.assert_array_equal(got.unpack(), want.unpack())
+    np.testing.assert_array_equal(got.scale, want.scale)
+    other = gemm.pack_weight(rng.standard_normal((5, 5)).astype(np.float32))
+    with pytest.raises(ValueError, match="key 'fc'"):
+        average([{"fc": packed[0]}, {"fc": other}])
