@@ -75,6 +75,16 @@ def _positive(kind):
     return parse
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
+    return v
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the main job's options to the top-level parser of ``python -m qgemm``."""
     d = DEFAULTS
@@ -110,7 +120,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"alternating float/int8 timing rounds (default {d['rounds']})")
     g.add_argument("--topk", type=_positive(int), default=d["topk"],
                    help=f"k of the per-batch top-k ranking agreement (default {d['topk']})")
-    g.add_argument("--seed", type=int, default=d["seed"], help="seed of weights and click log")
+    g.add_argument("--seed", type=_nonnegative_int, default=d["seed"],
+                   help=f"seed of weights and click log (default {d['seed']})")
     g.add_argument("--json", action="store_true",
                    help="stdout carries exactly one JSON document (progress stays on stderr)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

@@ -71,7 +71,8 @@ def test_parser_defaults_and_errors():
     assert (args.batch, args.tables, args.rows, args.dim, args.bits) == (128, 8, 1_000_000, 64,
                                                                           8)
     assert args.bottom == [13, 512, 256] and args.top == [512, 256, 1]
-    for bad in (["--bits", "3"], ["--batch", "0"], ["--top", "5-x"], ["--seconds", "-1"]):
+    for bad in (["--bits", "3"], ["--batch", "0"], ["--top", "5-x"], ["--seconds", "-1"],
+                ["--seed", "-3"], ["--rows", "1.5"]):
         with pytest.raises(SystemExit) as exc:
             parser.parse_args(bad)
         assert exc.value.code == 2
