@@ -75,6 +75,35 @@ def _positive(kind):
     return parse
 
 
+_BLAS_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                 "openblas_set_num_threads64_", "openblas_set_num_threads")
+
+
+def _set_blas_threads(n: int) -> str:
+    """Best effort: give numpy's OpenBLAS ``n`` threads too (so ``--threads`` applies to both
+    sides of the comparison), through the library's own setter found among the loaded
+    shared objects (what threadpoolctl does).  Returns a description for the report."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as f:
+            libs = sorted({ln.split()[-1] for ln in f if "openblas" in ln.lower()
+                           and ln.split()[-1].startswith("/")})
+    except OSError:
+        libs = []
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in _BLAS_SETTERS:
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn(ctypes.c_int(n))
+                return f"numpy BLAS (OpenBLAS) {n} threads"
+    return "numpy BLAS threads not controlled (set OPENBLAS_NUM_THREADS / OMP_NUM_THREADS)"
+
+
 def _nonnegative_int(text: str) -> int:
     try:
         v = int(text)
@@ -110,8 +139,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="bits per quantized table element (linear layers are always int8; "
                         f"default {d['bits']})")
     g.add_argument("--threads", type=_positive(int), default=None,
-                   help="qgemm kernel threads (default: all cores); numpy's BLAS threads "
-                        "follow OPENBLAS_NUM_THREADS")
+                   help="threads for qgemm's kernels and (OpenBLAS) numpy's matmuls "
+                        "(default: all cores)")
     g.add_argument("--batches", type=_positive(int), default=d["batches"],
                    help=f"distinct batches in the synthetic click log (default {d['batches']})")
     g.add_argument("--seconds", type=_positive(float), default=d["seconds"],
@@ -208,12 +237,14 @@ def run(args: argparse.Namespace) -> int:
     from ._benchtools import PAUSE_SECONDS, Progress
     from .models import DLRM, PARTS
 
+    blas = "numpy BLAS default threads"
     if args.threads:
         if args.threads > numba.config.NUMBA_NUM_THREADS:
             print(f"--threads: at most {numba.config.NUMBA_NUM_THREADS} on this "
                   f"machine, got {args.threads}", file=sys.stderr)
             return 2
         _config.set_num_threads(args.threads)
+        blas = _set_blas_threads(args.threads)
     bottom = [*args.bottom, args.dim]
     if len(bottom) < 2:
         print("--bottom: expected at least the dense-feature count", file=sys.stderr)
@@ -275,6 +306,7 @@ def run(args: argparse.Namespace) -> int:
         "threads": _config.get_num_threads(),
         "numba": numba.__version__,
         "numpy": np.__version__,
+        "blas": blas,
     }
     config = {
         "batch": args.batch, "tables": args.tables, "rows": args.rows, "dim": args.dim,
@@ -320,8 +352,8 @@ def _print_report(config, info, build, summ, speedup, mem, acc) -> None:
           f"({c['bits']}-bit rows when quantized), bottom MLP "
           f"{'-'.join(map(str, c['bottom']))}, top MLP {'-'.join(map(str, c['top']))}, "
           f"~{c['pooling']} lookups per bag")
-    print(f"machine  {info['cpu']} | isa {info['isa']} | {info['threads']} threads | "
-          f"numba {info['numba']} | numpy {info['numpy']}")
+    print(f"machine  {info['cpu']} | isa {info['isa']} | qgemm threads {info['threads']} | "
+          f"numba {info['numba']} | numpy {info['numpy']} | {info['blas']}")
     print(f"built    model {build['model']:.2f} s, int8 conversion {build['quantize']:.2f} s, "
           f"click log {build['click_log']:.2f} s ({c['batches']} batches x {c['batch']}, "
           f"{c['lookups_per_batch']:,} lookups each), kernels {build['warmup']:.2f} s")

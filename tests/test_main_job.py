@@ -52,7 +52,8 @@ def test_text_report_and_progress():
     assert out.returncode == 0, out.stderr
     text = out.stdout
     for needle in ("float32 (numpy)", "int8 (qgemm)", "latency, median", "embedding", "mlp",
-                   "interaction", "memory", "|Δ prediction|", "top-10 per batch", "1 threads"):
+                   "interaction", "memory", "|Δ prediction|", "top-10 per batch", "qgemm threads 1",
+                   "OpenBLAS) 1 threads"):
         assert needle in text, needle
     assert "[" in out.stderr and "round 1/1" in out.stderr  # the progress bar is on stderr
 
