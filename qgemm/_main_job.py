@@ -151,6 +151,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"k of the per-batch top-k ranking agreement (default {d['topk']})")
     g.add_argument("--seed", type=_nonnegative_int, default=d["seed"],
                    help=f"seed of weights and click log (default {d['seed']})")
+    g.add_argument("--model", metavar="NPZ", default=None,
+                   help="run a saved float model (DLRM.save / a facebookresearch/dlrm "
+                        "state_dict as .npz) instead of a random one; its sizes override "
+                        "--tables/--rows/--dim/--bottom/--top")
     g.add_argument("--json", action="store_true",
                    help="stdout carries exactly one JSON document (progress stays on stderr)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -255,8 +259,16 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     progress.step("building the float32 model")
-    model = DLRM.random(tables=args.tables, rows=args.rows, dim=args.dim, bottom=bottom,
-                        top=args.top, seed=args.seed)
+    if args.model:
+        try:
+            model = DLRM.load(args.model)
+        except (OSError, ValueError, TypeError) as exc:
+            progress.close()
+            print(f"--model: cannot load {args.model!r}: {exc}", file=sys.stderr)
+            return 2
+    else:
+        model = DLRM.random(tables=args.tables, rows=args.rows, dim=args.dim, bottom=bottom,
+                            top=args.top, seed=args.seed)
     build["model"] = time.perf_counter() - t0
 
     progress.step(f"converting to int8 ({args.bits}-bit tables)")
@@ -308,8 +320,11 @@ def run(args: argparse.Namespace) -> int:
         "numpy": np.__version__,
         "blas": blas,
     }
+    rows = sorted(set(model.rows))
     config = {
-        "batch": args.batch, "tables": args.tables, "rows": args.rows, "dim": args.dim,
+        "model": args.model or "random",
+        "batch": args.batch, "tables": model.num_tables,
+        "rows": rows[0] if len(rows) == 1 else list(model.rows), "dim": model.dim,
         "pooling": args.pooling, "bottom": list(model.bottom_sizes),
         "top": list(model.top_sizes), "bits": args.bits, "batches": args.batches,
         "seed": args.seed, "lookups_per_batch": int(sum(i.size for i in log[0][1])),
@@ -348,7 +363,9 @@ def _print_report(config, info, build, summ, speedup, mem, acc) -> None:
     f, q = summ["float32"], summ["int8"]
     c = config
     print("qgemm main job: DLRM-style inference, float32 (numpy) vs int8 (qgemm)")
-    print(f"model    {c['tables']} tables x {c['rows']:,} rows x dim {c['dim']} "
+    rows = f"{c['rows']:,}" if isinstance(c["rows"], int) else "/".join(map(str, c["rows"]))
+    src = "" if c["model"] == "random" else f" from {c['model']}"
+    print(f"model    {c['tables']} tables x {rows} rows x dim {c['dim']}{src} "
           f"({c['bits']}-bit rows when quantized), bottom MLP "
           f"{'-'.join(map(str, c['bottom']))}, top MLP {'-'.join(map(str, c['top']))}, "
           f"~{c['pooling']} lookups per bag")

@@ -62,7 +62,7 @@ def test_help_lists_options():
     out = run_cli("--help", timeout=60)
     assert out.returncode == 0
     for opt in ("--batch", "--tables", "--rows", "--dim", "--bits", "--threads", "--json",
-                "--seed", "--pooling", "--seconds", "--batches"):
+                "--seed", "--pooling", "--seconds", "--batches", "--model"):
         assert opt in out.stdout, opt
 
 
@@ -94,3 +94,18 @@ def test_too_many_threads(capsys):
     code = cli.main([*TINY, "--threads", str(numba.config.NUMBA_NUM_THREADS + 1)])
     assert code == 2
     assert "--threads" in capsys.readouterr().err
+
+
+def test_saved_model(tmp_path, capsys):
+    from qgemm.models import DLRM
+
+    path = tmp_path / "tiny.npz"
+    DLRM.random(tables=2, rows=[30, 40], dim=4, bottom=(3, 4), top=(5, 1), seed=1).save(path)
+    code = cli.main(["--model", str(path), "--batch", "8", "--batches", "2", "--seconds",
+                     "0.05", "--rounds", "1", "--json", "--no-progress"])
+    assert code == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["config"]["model"] == str(path)
+    assert doc["config"]["rows"] == [30, 40] and doc["config"]["bottom"] == [3, 4]
+    assert cli.main(["--model", str(tmp_path / "missing.npz"), "--no-progress"]) == 2
+    assert "--model" in capsys.readouterr().err
