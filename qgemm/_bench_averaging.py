@@ -20,7 +20,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numba
 import numpy as np
+from numba import prange
 
 from ._benchtools import Table, compare
 
@@ -112,32 +114,23 @@ def traffic_bytes(n_params: int, n_models: int, itemsize: int = 4) -> int:
     return n_params * (first + rest + final)
 
 
-_sum_kernels: dict[str, Any] = {}
+@numba.njit(fastmath=True, nogil=True, cache=True)
+def _sum_serial(a):
+    # one thread, vectorised (fastmath lets LLVM reassociate the reduction)
+    t = np.float32(0)
+    for i in range(a.size):
+        t += a[i]
+    return t
 
 
-def _read_kernels():
-    if not _sum_kernels:
-        import numba
-        from numba import prange
-
-        @numba.njit(fastmath=True, nogil=True, cache=True)
-        def ssum(a):
-            t = np.float32(0)
-            for i in range(a.size):
-                t += a[i]
-            return t
-
-        @numba.njit(parallel=True, nogil=True, cache=True)
-        def psum(a):
-            nt = numba.get_num_threads()
-            n = a.size
-            part = np.zeros(nt)
-            for c in prange(nt):
-                part[c] = ssum(a[c * n // nt : (c + 1) * n // nt])
-            return part.sum()
-
-        _sum_kernels.update(serial=ssum, parallel=psum)
-    return _sum_kernels
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _sum_parallel(a):
+    nt = numba.get_num_threads()
+    n = a.size
+    part = np.zeros(nt)
+    for c in prange(nt):
+        part[c] = _sum_serial(a[c * n // nt : (c + 1) * n // nt])
+    return part.sum()
 
 
 def measure_read_bandwidth(nbytes: int = 1 << 30, repeat: int = 7) -> dict[str, float]:
@@ -148,10 +141,9 @@ def measure_read_bandwidth(nbytes: int = 1 << 30, repeat: int = 7) -> dict[str, 
 
     sync_threads()
     a = np.ones(nbytes // 4, np.float32)
-    ks = _read_kernels()
     fns = {
-        "numba_parallel": lambda: ks["parallel"](a),
-        "numba_1thread": lambda: ks["serial"](a),
+        "numba_parallel": lambda: _sum_parallel(a),
+        "numba_1thread": lambda: _sum_serial(a),
         "numpy": lambda: a.sum(),
     }
     out: dict[str, float] = {}
