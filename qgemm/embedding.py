@@ -61,15 +61,21 @@ PARALLEL_MIN_WORK = 1 << 15
 cost of waking the worker threads is larger than the work.  Tests lower it."""
 
 
+_U8 = np.dtype(np.uint8)
+_FLOAT_KINDS = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
+_ROWWISE_KINDS = {8: "rowwise8", 4: "rowwise4", 2: "rowwise2"}
+
+
 def _table_args(table: Any) -> tuple[str, np.ndarray, int, int, int]:
     """``(kind, flat table, row_stride, rows, dim)`` for the kernel; no copy of a table whose
     rows are contiguous."""
     if isinstance(table, RowwiseQuantizedTable):
         fused = table.fused
-        if not isinstance(fused, np.ndarray) or fused.dtype != np.uint8 or fused.ndim != 2:
+        if not isinstance(fused, np.ndarray) or fused.dtype != _U8 or fused.ndim != 2:
             raise TypeError("table: a RowwiseQuantizedTable must hold a 2-D uint8 fused array")
-        bits, dim = int(table.bits), int(table.dim)
-        if bits not in (8, 4, 2):
+        bits, dim = table.bits, table.dim
+        kind = _ROWWISE_KINDS.get(bits)
+        if kind is None:
             raise ValueError(f"table: expected a table of 8, 4 or 2 bits, got {bits}")
         per_byte = 8 // bits
         expected = -(-dim // per_byte) + (8 if bits == 8 else 4)
@@ -80,13 +86,16 @@ def _table_args(table: Any) -> tuple[str, np.ndarray, int, int, int]:
             )
         if not fused.flags.c_contiguous:
             fused = np.ascontiguousarray(fused)
-        return f"rowwise{bits}", fused.reshape(-1), fused.shape[1], fused.shape[0], dim
-    if not isinstance(table, np.ndarray) and hasattr(table, "fused"):
-        raise TypeError(f"table: expected an ndarray or RowwiseQuantizedTable, got {type(table)}")
-    table = as_array("table", table, dtypes=(np.float32, np.float16), ndim=2)
+        return kind, fused.reshape(-1), fused.shape[1], fused.shape[0], int(dim)
+    if not (type(table) is np.ndarray and table.dtype in _FLOAT_KINDS and table.ndim == 2):
+        if not isinstance(table, np.ndarray) and hasattr(table, "fused"):
+            raise TypeError(
+                f"table: expected an ndarray or RowwiseQuantizedTable, got {type(table)}"
+            )
+        table = as_array("table", table, dtypes=(np.float32, np.float16), ndim=2)
     rows, dim = table.shape
     item = table.itemsize
-    kind = "float32" if table.dtype == np.float32 else "float16"
+    kind = _FLOAT_KINDS[table.dtype]
     if table.flags.c_contiguous:
         flat, stride = table.reshape(-1), dim
     elif (
@@ -108,8 +117,17 @@ def _table_args(table: Any) -> tuple[str, np.ndarray, int, int, int]:
     return kind, flat, stride, rows, dim
 
 
+_INDEX_NAMES = {np.dtype(np.int32): "int32", np.dtype(np.int64): "int64"}
+
+
 def _index_array(name: str, x: Any, ndim: int | tuple[int, ...] = 1) -> np.ndarray:
-    x = as_array(name, x, dtypes=_INDEX_DTYPES, ndim=ndim)
+    # Fast path first: this runs on every call, and single-bag latency is mostly overhead.
+    if not (
+        type(x) is np.ndarray
+        and x.dtype in _INDEX_NAMES
+        and (x.ndim == ndim if type(ndim) is int else x.ndim in ndim)
+    ):
+        x = as_array(name, x, dtypes=_INDEX_DTYPES, ndim=ndim)
     return x if x.flags.c_contiguous else np.ascontiguousarray(x)
 
 
@@ -193,7 +211,8 @@ def embedding_bag(
            [6., 7.]], dtype=float32)
     """
     kind, flat, row_stride, rows, dim = _table_args(table)
-    check_choice("mode", mode, _MODES)
+    if mode not in _MODES:
+        check_choice("mode", mode, _MODES)
     if not isinstance(include_last_offset, (bool, np.bool_)):
         raise TypeError(
             f"include_last_offset: expected a bool, got {type(include_last_offset).__name__}"
@@ -296,8 +315,8 @@ def embedding_bag(
     key = (
         _config.get_isa(),
         kind,
-        idx.dtype.name,
-        offs.dtype.name,
+        _INDEX_NAMES[idx.dtype],
+        _INDEX_NAMES[offs.dtype],
         by,
         mode,
         weighted,
