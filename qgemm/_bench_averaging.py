@@ -123,7 +123,7 @@ def _sum_serial(a):
     return t
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
+@numba.njit(parallel=True, nogil=True)  # not cacheable: it calls another dispatcher
 def _sum_parallel(a):
     nt = numba.get_num_threads()
     n = a.size

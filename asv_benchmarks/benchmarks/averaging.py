@@ -10,7 +10,7 @@ process (a sum over a 1 GiB array).
 
 import numpy as np
 
-import qgemm
+import qgemm.averaging as qa
 from qgemm import _bench_averaging as B
 
 N_MODELS = B.N_MODELS
@@ -21,13 +21,13 @@ WEIGHTS = [float(i + 1) for i in range(N_MODELS)]
 
 def _warm():
     small = [{"a": np.ones(300_000, np.float32), "b": np.ones(3, np.float32)} for _ in range(8)]
-    qgemm.averaging.average(iter(small), WEIGHTS)
-    qgemm.averaging.average(small, WEIGHTS)
+    qa.average(iter(small), WEIGHTS)
+    qa.average(small, WEIGHTS)
 
 
 def _impl(impl, models):
     if impl == "qgemm":
-        return qgemm.averaging.average(models, WEIGHTS)
+        return qa.average(models, WEIGHTS)
     return B.numpy_average(models, WEIGHTS)
 
 
