@@ -20,6 +20,7 @@ here only because this CPU has AVX-512 VNNI (it saturates on AVX2-only CPUs).
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -104,22 +105,26 @@ class Case:
     # torch -----------------------------------------------------------------------------
     def torch_packed(self, torch):
         if not hasattr(self, "_tpacked"):
-            qw = torch.quantize_per_channel(
-                torch.from_numpy(self.w),
-                torch.from_numpy(self.pw.scale.astype(np.float64)),
-                torch.zeros(self.shape[1], dtype=torch.int64),
-                0,
-                torch.qint8,
-            )
+            with warnings.catch_warnings():  # torch 2.13: quantized dtypes are deprecated
+                warnings.simplefilter("ignore")
+                qw = torch.quantize_per_channel(
+                    torch.from_numpy(self.w),
+                    torch.from_numpy(self.pw.scale.astype(np.float64)),
+                    torch.zeros(self.shape[1], dtype=torch.int64),
+                    0,
+                    torch.qint8,
+                )
             self._tqw = qw
             self._tpacked = torch.ops.quantized.linear_prepack(qw, torch.from_numpy(self.bias))
         return self._tpacked
 
     def torch_static(self, torch):
         packed = self.torch_packed(torch)
-        tx = torch._make_per_tensor_quantized_tensor(
-            torch.from_numpy(self.xq), float(self.xqp.scale), int(self.xqp.zero_point)
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tx = torch._make_per_tensor_quantized_tensor(
+                torch.from_numpy(self.xq), float(self.xqp.scale), int(self.xqp.zero_point)
+            )
         s, z = float(self.oqp.scale), int(self.oqp.zero_point)
         op = torch.ops.quantized.linear_relu
         return lambda: op(tx, packed, s, z)

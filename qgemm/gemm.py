@@ -49,9 +49,11 @@ _F32 = (np.dtype(np.float32),)
 _F32_I32 = (np.dtype(np.float32), np.dtype(np.int32))
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _GRANULARITIES = ("tensor", "channel", "group")
-# Problems below this many multiply-adds run on the serial twin of a kernel (a parallel
-# region costs a few microseconds to start; measured on 2 cores).
-_PARALLEL_MIN_MACS = 1 << 20
+# Problems below this many multiply-adds run on the serial twin of a kernel: a parallel region
+# costs ~3 us to start (Numba's OpenMP layer, 2 cores), about the single-thread time of 2^19
+# multiply-adds at M = 1 (L2-resident weights) -- and a parallel function run on one thread is
+# slower than its serial twin.
+_PARALLEL_MIN_MACS = 1 << 19
 _VNNI_TILES = {64: (6, 4), 16: (8, 1)}
 
 
@@ -399,6 +401,7 @@ def _run(
         weight._pairmax,
         qmax,
         nchunks,
+        threads,
         out2,
     )
 

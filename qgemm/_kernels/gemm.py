@@ -53,6 +53,7 @@ VARIANTS = {
 }
 
 INT16_MAX = 32767
+PAR_ELEMS = 1 << 16  # activations quantized in parallel from this many elements on
 
 
 def _tile(a, a_row, lda_bytes, b, b_off, bstride, kgroups, c, init, mr, MR, NV, VARIANT):
@@ -211,7 +212,7 @@ def _signature(kind: str):
     out2 = types.Array(out_t, 2, "C")
     first = x2 if kind == "dynamic" else a2
     # (a, M, K, KG, b, N, NP, colc, bzp, has_bzp, a_zp, a_scale, bscale, ibias, fbias,
-    #  c_scale, c_zp, relu, pairmax, qmax, nchunks, out) -> int64
+    #  c_scale, c_zp, relu, pairmax, qmax, nchunks, nthreads, out) -> int64
     return types.int64(
         first,
         types.int64,
@@ -231,6 +232,7 @@ def _signature(kind: str):
         types.float32,
         types.int32,
         types.boolean,
+        types.int64,
         types.int64,
         types.int64,
         types.int64,
@@ -257,6 +259,7 @@ def gemm_kernel(key):
     FLOAT = kind in ("float", "dynamic")
     REQ = kind == "requant"
     DYN = kind == "dynamic"
+    PAR = bool(parallel)
 
     @numba.njit(_signature(kind), parallel=parallel, cache=True, nogil=True)
     def gemm(
@@ -281,6 +284,7 @@ def gemm_kernel(key):
         pairmax,
         qmax,
         nchunks,
+        nthreads,
         out,
     ):
         KP = 4 * KG
@@ -297,8 +301,12 @@ def gemm_kernel(key):
                 lo_r = np.empty(M, np.float32)
                 hi_r = np.empty(M, np.float32)
                 ok_r = np.empty(M, np.bool_)
-                for i in prange(M):
-                    lo_r[i], hi_r[i], ok_r[i] = _row_minmax(a[i], K)
+                if PAR and M * K >= PAR_ELEMS:
+                    for i in prange(M):
+                        lo_r[i], hi_r[i], ok_r[i] = _row_minmax(a[i], K)
+                else:  # a parallel region costs microseconds: not worth it for small x
+                    for i in range(M):
+                        lo_r[i], hi_r[i], ok_r[i] = _row_minmax(a[i], K)
                 for i in range(M):
                     if not ok_r[i]:
                         for k in range(K):
@@ -311,8 +319,12 @@ def gemm_kernel(key):
             q_scale = sc
             q_zp = zp
             aq = np.empty((M, KP), np.uint8)
-            for i in prange(M):
-                _quantize_row(a[i], aq[i], K, sc, np.float32(zp), np.float32(qmax))
+            if PAR and M * K >= PAR_ELEMS:
+                for i in prange(M):
+                    _quantize_row(a[i], aq[i], K, sc, np.float32(zp), np.float32(qmax))
+            else:
+                for i in range(M):
+                    _quantize_row(a[i], aq[i], K, sc, np.float32(zp), np.float32(qmax))
             amax = np.int64(qmax)
         else:
             aq = a
@@ -359,57 +371,65 @@ def gemm_kernel(key):
         mc = MR * ((mblocks + chunks - 1) // chunks)
         ntask = nct * chunks
         bstride = NP * 4
-        for t in prange(ntask):
-            ct = t // chunks
-            rc = t - ct * chunks
-            i_start = rc * mc
-            i_stop = min(M, i_start + mc)
-            j0 = ct * NR
-            p = j0 // NP
-            boff = p * KG * NP * 4 + (j0 - p * NP) * 4
-            nc = min(NR, N - j0)
-            scratch = np.empty(MR * NR, np.int32)
-            # per-column integer terms start the accumulators: bias - a_zp * colsum (exact:
-            # every partial sum and the result fit int32 within the K limits of the wrapper)
-            init = np.zeros(NR, np.int32)
-            if not RAW:
-                for cc in range(nc):
-                    j = j0 + cc
-                    init[cc] = np.int32(np.int64(ibias[j]) - azp64 * np.int64(colc[j]))
-            for i0 in range(i_start, i_stop, MR):
-                mr = min(MR, i_stop - i0)
-                if use_fast:
-                    _tile(aq, i0, lda, b, boff, bstride, KG, scratch, init, mr, MR, NV, V_FAST)
-                else:
-                    _tile(aq, i0, lda, b, boff, bstride, KG, scratch, init, mr, MR, NV, V_EXACT)
-                for r in range(mr):
-                    i = i0 + r
-                    orow = out[i]
-                    srow = r * NR
-                    if RAW:
-                        for cc in range(nc):
-                            orow[j0 + cc] = scratch[srow + cc]
-                    elif has_bzp:
-                        rs = rowsum[i]
-                        for cc in range(nc):
-                            j = j0 + cc
-                            v = np.int64(scratch[srow + cc]) - rs * np.int64(bzp[j])
-                            if FLOAT:
-                                f = np.float32(v) * q_scale * bscale[j] + fbias[j]
-                                orow[j] = max(f, flo)
-                            else:
-                                f = np.rint((np.float32(v) + fbq[j]) * mult[j]) + fczp
-                                orow[j] = np.uint8(min(max(f, qlo), fqmax))
+        # one contiguous block of tasks per thread (static schedule, like FBGEMM's split of
+        # the N blocks over threads); scratch tiles allocated once per thread
+        nthr = nthreads if PAR else 1
+        nthr = max(1, min(nthr, ntask))
+        per = (ntask + nthr - 1) // nthr
+        work = np.empty((nthr, MR * NR + NR), np.int32)
+        for tid in prange(nthr):
+            scratch = work[tid, : MR * NR]
+            init = work[tid, MR * NR :]
+            for t in range(tid * per, min(ntask, (tid + 1) * per)):
+                ct = t // chunks
+                rc = t - ct * chunks
+                i_start = rc * mc
+                i_stop = min(M, i_start + mc)
+                j0 = ct * NR
+                p = j0 // NP
+                boff = p * KG * NP * 4 + (j0 - p * NP) * 4
+                nc = min(NR, N - j0)
+                # per-column integer terms start the accumulators: bias - a_zp * colsum (exact:
+                # every partial sum and the result fit int32 within the K limits of the wrapper)
+                init[:] = 0
+                if not RAW:
+                    for cc in range(nc):
+                        j = j0 + cc
+                        init[cc] = np.int32(np.int64(ibias[j]) - azp64 * np.int64(colc[j]))
+                for i0 in range(i_start, i_stop, MR):
+                    mr = min(MR, i_stop - i0)
+                    if use_fast:
+                        _tile(aq, i0, lda, b, boff, bstride, KG, scratch, init, mr, MR, NV, V_FAST)
                     else:
-                        for cc in range(nc):
-                            j = j0 + cc
-                            v32 = scratch[srow + cc]
-                            if FLOAT:
-                                f = np.float32(v32) * q_scale * bscale[j] + fbias[j]
-                                orow[j] = max(f, flo)
-                            else:
-                                f = np.rint((np.float32(v32) + fbq[j]) * mult[j]) + fczp
-                                orow[j] = np.uint8(min(max(f, qlo), fqmax))
+                        _tile(aq, i0, lda, b, boff, bstride, KG, scratch, init, mr, MR, NV, V_EXACT)
+                    for r in range(mr):
+                        i = i0 + r
+                        orow = out[i]
+                        srow = r * NR
+                        if RAW:
+                            for cc in range(nc):
+                                orow[j0 + cc] = scratch[srow + cc]
+                        elif has_bzp:
+                            rs = rowsum[i]
+                            for cc in range(nc):
+                                j = j0 + cc
+                                v = np.int64(scratch[srow + cc]) - rs * np.int64(bzp[j])
+                                if FLOAT:
+                                    f = np.float32(v) * q_scale * bscale[j] + fbias[j]
+                                    orow[j] = max(f, flo)
+                                else:
+                                    f = np.rint((np.float32(v) + fbq[j]) * mult[j]) + fczp
+                                    orow[j] = np.uint8(min(max(f, qlo), fqmax))
+                        else:
+                            for cc in range(nc):
+                                j = j0 + cc
+                                v32 = scratch[srow + cc]
+                                if FLOAT:
+                                    f = np.float32(v32) * q_scale * bscale[j] + fbias[j]
+                                    orow[j] = max(f, flo)
+                                else:
+                                    f = np.rint((np.float32(v32) + fbq[j]) * mult[j]) + fczp
+                                    orow[j] = np.uint8(min(max(f, qlo), fqmax))
         return -1
 
     return gemm
