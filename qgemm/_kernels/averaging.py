@@ -47,8 +47,10 @@ CHUNK = 1 << 16
 PARALLEL_MIN = 1 << 17
 """Buffers with fewer elements use the serial kernels."""
 
-MULTI_CHUNK = 1 << 12
-"""Elements per block of the all-models kernel (its float64 block buffer is 32 KiB)."""
+MULTI_CHUNK = 1 << 16
+"""Elements per block of the all-models kernel: its float64 block buffer (512 KiB) stays in
+L2 and each model is read in 256 KiB runs, long enough for the hardware prefetchers (measured
+~15% faster than 4096-element blocks on 50M parameters)."""
 
 MULTI_MIN = 1 << 15
 """Leaves with fewer elements take the per-model kernels (no per-count compilation)."""
@@ -176,9 +178,11 @@ def averaging_kernel(key):
         @numba.njit(sig, **opts)
         def kern(xs, ws, total, out):
             # All models at once, one block of elements at a time: each model is read once,
-            # the result written once; the float64 block stays in L1.  Models are folded in
-            # groups of four per pass over the block, in order, so the float64 operations are
-            # exactly those of the streaming init/add/final kernels.
+            # the result written once; the float64 block stays in L2.  Models are folded in
+            # pairs per pass over the block, in order, so the float64 operations are exactly
+            # those of the streaming init/add/final kernels.  (Pairs, not larger groups: with
+            # more input pointers LLVM's runtime alias checks exceed its budget and the loop
+            # is not vectorised -- measured 2.5x slower in cache with groups of four.)
             n = out.size
             k = len(xs)
             blk = mchunk if par else max(n, 1)
@@ -192,27 +196,19 @@ def averaging_kernel(key):
                 for i in range(m):
                     buf[i] = w0 * np.float64(x0[i])
                 j = 1
-                while j + 4 <= k:
+                while j + 2 <= k:
                     xa = xs[j][lo:hi]
                     xb = xs[j + 1][lo:hi]
-                    xc = xs[j + 2][lo:hi]
-                    xd = xs[j + 3][lo:hi]
                     wa = ws[j]
                     wb = ws[j + 1]
-                    wc = ws[j + 2]
-                    wd = ws[j + 3]
                     for i in range(m):
-                        t = buf[i] + wa * np.float64(xa[i])
-                        t = t + wb * np.float64(xb[i])
-                        t = t + wc * np.float64(xc[i])
-                        buf[i] = t + wd * np.float64(xd[i])
-                    j += 4
-                while j < k:
+                        buf[i] = (buf[i] + wa * np.float64(xa[i])) + wb * np.float64(xb[i])
+                    j += 2
+                if j < k:
                     xa = xs[j][lo:hi]
                     wa = ws[j]
                     for i in range(m):
                         buf[i] += wa * np.float64(xa[i])
-                    j += 1
                 o = out[lo:hi]
                 for i in range(m):
                     o[i] = outcast(buf[i] / total)
