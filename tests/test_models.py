@@ -354,6 +354,10 @@ def test_state_dict_errors(model):
 # -- torch interop ------------------------------------------------------------------------------
 
 
+# torch 2.13 deprecates torch.ao.quantization (eager-mode quantization), which the quantized
+# module cross-checks below use on purpose: their warnings are silenced per test.
+
+
 def _torch():
     torch = pytest.importorskip("torch")
     torch.backends.quantized.engine = "fbgemm"
@@ -379,6 +383,8 @@ def test_from_torch_linear():
     assert nobias.bias is None
 
 
+@pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:Please use quant_min and quant_max:UserWarning")
 def test_from_torch_dynamic_quantized_linear():
     torch = _torch()
     torch.manual_seed(1)
@@ -392,6 +398,8 @@ def test_from_torch_dynamic_quantized_linear():
     assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
 
 
+@pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:Please use quant_min and quant_max:UserWarning")
 def test_from_torch_static_quantized_linear():
     torch = _torch()
     from qgemm import QParams
@@ -436,6 +444,8 @@ def test_from_torch_embedding_bag(bits):
         np.testing.assert_allclose(got, want, atol=0.6 if bits == 4 else 0.03)
 
 
+@pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:Please use quant_min and quant_max:UserWarning")
 @pytest.mark.parametrize("bits", [8, 4])
 def test_from_torch_quantized_embedding_bag(bits):
     torch = _torch()
