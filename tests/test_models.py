@@ -444,6 +444,23 @@ def test_from_torch_embedding_bag(bits):
         np.testing.assert_allclose(got, want, atol=0.6 if bits == 4 else 0.03)
 
 
+def test_from_torch_embedding_bag_options():
+    torch = _torch()
+    torch.manual_seed(6)
+    eb = torch.nn.EmbeddingBag(12, 5, mode="mean", padding_idx=2, include_last_offset=True)
+    bag = from_torch(eb)
+    assert bag.padding_idx == 2 and bag.include_last_offset
+    idx = torch.tensor([2, 3, 2, 11, 0, 2])
+    off = torch.tensor([0, 2, 2, 6])  # the last offset closes the last bag
+    np.testing.assert_allclose(bag(idx.numpy(), off.numpy()), eb(idx, off).detach().numpy(),
+                               atol=1e-6)
+    summed = torch.nn.EmbeddingBag(12, 5, mode="sum")
+    w = torch.rand(6)
+    np.testing.assert_allclose(from_torch(summed)(idx.numpy(), off[:-1].numpy(), w.numpy()),
+                               summed(idx, off[:-1], per_sample_weights=w).detach().numpy(),
+                               atol=1e-6)
+
+
 @pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:Please use quant_min and quant_max:UserWarning")
 @pytest.mark.parametrize("bits", [8, 4])
