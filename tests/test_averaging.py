@@ -179,7 +179,8 @@ def test_average_in_memory_all_models_kernel(monkeypatch, parallel):
                "b": {"c": rng.standard_normal((2, n // 2))},
                "h": rng.standard_normal(5).astype(np.float16),
                "k": np.array([j], np.int64)} for j in range(7)]
-    ws = [0.5, 1.0, 0.0, 2.0, 3.0, 0.25, 1.5]  # six positive weights: the first, two pairs and one more
+    # six positive weights: the first, two pairs and one more
+    ws = [0.5, 1.0, 0.0, 2.0, 3.0, 0.25, 1.5]
     want = ref_average(models, ws)
     assert_tree_equal(average(models, ws), want)
     assert_tree_equal(average(tuple(models), iter(ws)), want)
