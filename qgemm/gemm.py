@@ -107,6 +107,7 @@ class PackedWeight:
         "_bscale",
         "_bzp",
         "_smax",
+        "_plans",
         "__weakref__",
     )
 
@@ -143,6 +144,7 @@ class PackedWeight:
             self._pairmax = int(pairs.max())
         else:
             self._pairmax = 0
+        self._plans: dict = {}
         self._zi = np.zeros(n, np.int32)
         self._zf = np.zeros(n, np.float32)
 
@@ -361,17 +363,19 @@ def _activation_rows(x: np.ndarray, k: int, kg: int) -> np.ndarray:
     return buf
 
 
-def _run(
-    kind, a2, m, weight, saturate, a_zp, a_scale, ibias, fbias, c_scale, c_zp, relu, qmax, out2
-):
+def _plan(kind: str, m: int, weight: PackedWeight, saturate: bool):
+    """(kernel, nchunks, threads) for a call; memoised per weight (the per-call fast path)."""
+    isa = _config.get_isa()
+    threads = _config.get_num_threads()
+    pkey = (kind, m, saturate, isa, threads)
+    plan = weight._plans.get(pkey)
+    if plan is not None:
+        return plan
     n, k = weight.shape
     fast, exact, mr, nv, nr = _choose_path(saturate, weight._np)
-    macs = m * n * k
-    threads = _config.get_num_threads()
     nct = -(-n // nr)
-    parallel = threads > 1 and macs >= _PARALLEL_MIN_MACS and (nct > 1 or m > mr)
+    parallel = threads > 1 and m * n * k >= _PARALLEL_MIN_MACS and (nct > 1 or m > mr)
     if parallel:
-        _config.sync_threads()
         nchunks = 1 if nct >= 4 * threads else -(-4 * threads // max(nct, 1))
     else:
         nchunks = 1
@@ -379,6 +383,20 @@ def _run(
     kern = _KERNELS.get(key)
     if kern is None:
         kern = gemm_kernel(key)
+    plan = (kern, nchunks, threads if parallel else 1)
+    if len(weight._plans) > 64:
+        weight._plans.clear()
+    weight._plans[pkey] = plan
+    return plan
+
+
+def _run(
+    kind, a2, m, weight, saturate, a_zp, a_scale, ibias, fbias, c_scale, c_zp, relu, qmax, out2
+):
+    kern, nchunks, threads = _plan(kind, m, weight, saturate)
+    if threads > 1:
+        _config.sync_threads()
+    n, k = weight.shape
     return kern(
         a2,
         m,

@@ -106,7 +106,7 @@ def _tile_impl(a, a_row, lda_bytes, b, b_off, bstride, kgroups, c, init, mr, MR,
     return impl_portable
 
 
-@numba.njit
+@numba.njit(error_model="numpy")
 def _wrap32(v):
     """int64 -> int32 with two's-complement wrap-around (exact when the true value fits)."""
     v = v & 0xFFFFFFFF
@@ -118,12 +118,12 @@ def _wrap32(v):
 # ---------------------------------------------------------------------------- choose qparams
 
 
-@numba.njit
+@numba.njit(error_model="numpy")
 def _f32(v):
     return np.float32(v)
 
 
-@numba.njit
+@numba.njit(error_model="numpy")
 def _choose_u8(lo, hi, qmin, qmax):
     """FBGEMM's ``ChooseQuantizationParams`` for one tensor, exactly as
     :func:`qgemm.quantize.choose_qparams` computes it (asymmetric)."""
@@ -158,7 +158,7 @@ def _choose_u8(lo, hi, qmin, qmax):
 # ---------------------------------------------------------------------------- activations
 
 
-@numba.njit(nogil=True)
+@numba.njit(nogil=True, error_model="numpy")
 def _row_minmax(x, K):
     """``(min, max, all finite)`` of ``x[:K]`` (contiguous float32).
 
@@ -182,7 +182,7 @@ def _row_minmax(x, K):
     return f[0], f[1], bad == 0
 
 
-@numba.njit(nogil=True)
+@numba.njit(nogil=True, error_model="numpy")
 def _quantize_row(x, q, K, scale, zp, qmax):
     """``q[:K] = clamp(rint(x / scale) + zp, 0, qmax)``; ``q[K:]`` (k-group padding) = 0."""
     for k in range(K):
@@ -190,6 +190,36 @@ def _quantize_row(x, q, K, scale, zp, qmax):
         q[k] = np.uint8(min(max(v, np.float32(0.0)), qmax))
     for k in range(K, q.shape[0]):
         q[k] = 0
+
+
+# ---------------------------------------------------------------------------- output stages
+# One row of one tile; 0-based loops over views so LLVM vectorises them cleanly.
+
+
+@numba.njit(nogil=True, error_model="numpy")
+def _ep_float(s, o, bscale, fbias, a_scale, flo, rs, bzp, has_bzp):
+    """ReQuantizeForFloat: ``raw * a_scale * w_scale[j] + bias[j]``, then ``max(., flo)``."""
+    if has_bzp:
+        for c in range(s.size):
+            v = np.int64(s[c]) - rs * np.int64(bzp[c])
+            o[c] = max(np.float32(v) * a_scale * bscale[c] + fbias[c], flo)
+    else:
+        for c in range(s.size):
+            o[c] = max(np.float32(s[c]) * a_scale * bscale[c] + fbias[c], flo)
+
+
+@numba.njit(nogil=True, error_model="numpy")
+def _ep_requant(s, o, fbq, mult, czp, qlo, qmax, rs, bzp, has_bzp):
+    """ReQuantizeOutput: ``clamp(rint((raw + bias / ab) * mult) + c_zp, qlo, qmax)``."""
+    if has_bzp:
+        for c in range(s.size):
+            v = np.int64(s[c]) - rs * np.int64(bzp[c])
+            f = np.rint((np.float32(v) + fbq[c]) * mult[c]) + czp
+            o[c] = np.uint8(min(max(f, qlo), qmax))
+    else:
+        for c in range(s.size):
+            f = np.rint((np.float32(s[c]) + fbq[c]) * mult[c]) + czp
+            o[c] = np.uint8(min(max(f, qlo), qmax))
 
 
 # ---------------------------------------------------------------------------- the kernels
@@ -261,7 +291,7 @@ def gemm_kernel(key):
     DYN = kind == "dynamic"
     PAR = bool(parallel)
 
-    @numba.njit(_signature(kind), parallel=parallel, cache=True, nogil=True)
+    @numba.njit(_signature(kind), parallel=parallel, cache=True, nogil=True, error_model="numpy")
     def gemm(
         a,
         M,
@@ -396,6 +426,11 @@ def gemm_kernel(key):
                     for cc in range(nc):
                         j = j0 + cc
                         init[cc] = np.int32(np.int64(ibias[j]) - azp64 * np.int64(colc[j]))
+                bs_t = bscale[j0 : j0 + nc]
+                fb_t = fbias[j0 : j0 + nc]
+                bz_t = bzp[j0 : j0 + nc]
+                fbq_t = fbq[j0 : j0 + nc]
+                mult_t = mult[j0 : j0 + nc]
                 for i0 in range(i_start, i_stop, MR):
                     mr = min(MR, i_stop - i0)
                     if use_fast:
@@ -404,32 +439,16 @@ def gemm_kernel(key):
                         _tile(aq, i0, lda, b, boff, bstride, KG, scratch, init, mr, MR, NV, V_EXACT)
                     for r in range(mr):
                         i = i0 + r
-                        orow = out[i]
-                        srow = r * NR
+                        sv = scratch[r * NR : r * NR + nc]
+                        ov = out[i, j0 : j0 + nc]
                         if RAW:
-                            for cc in range(nc):
-                                orow[j0 + cc] = scratch[srow + cc]
-                        elif has_bzp:
-                            rs = rowsum[i]
-                            for cc in range(nc):
-                                j = j0 + cc
-                                v = np.int64(scratch[srow + cc]) - rs * np.int64(bzp[j])
-                                if FLOAT:
-                                    f = np.float32(v) * q_scale * bscale[j] + fbias[j]
-                                    orow[j] = max(f, flo)
-                                else:
-                                    f = np.rint((np.float32(v) + fbq[j]) * mult[j]) + fczp
-                                    orow[j] = np.uint8(min(max(f, qlo), fqmax))
+                            ov[:] = sv
+                        elif FLOAT:
+                            _ep_float(sv, ov, bs_t, fb_t, q_scale, flo, rowsum[i], bz_t, has_bzp)
                         else:
-                            for cc in range(nc):
-                                j = j0 + cc
-                                v32 = scratch[srow + cc]
-                                if FLOAT:
-                                    f = np.float32(v32) * q_scale * bscale[j] + fbias[j]
-                                    orow[j] = max(f, flo)
-                                else:
-                                    f = np.rint((np.float32(v32) + fbq[j]) * mult[j]) + fczp
-                                    orow[j] = np.uint8(min(max(f, qlo), fqmax))
+                            _ep_requant(
+                                sv, ov, fbq_t, mult_t, fczp, qlo, fqmax, rowsum[i], bz_t, has_bzp
+                            )
         return -1
 
     return gemm
