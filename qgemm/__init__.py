@@ -8,6 +8,14 @@ from __future__ import annotations
 
 from ._cache import cache_clear, cache_info
 from ._config import get_isa, get_num_threads, set_isa, set_num_threads
+from .averaging import (
+    CyclicalLR,
+    DecentralizedResult,
+    RunningAverage,
+    average,
+    cyclical_lr,
+    train_decentralized,
+)
 from .quantize import (
     QParams,
     RowwiseQuantizedTable,
@@ -35,4 +43,10 @@ __all__ = [
     "qrange",
     "quantize",
     "quantize_rowwise",
+    "average",
+    "RunningAverage",
+    "cyclical_lr",
+    "CyclicalLR",
+    "train_decentralized",
+    "DecentralizedResult",
 ]

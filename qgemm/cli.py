@@ -16,6 +16,7 @@ from typing import Any
 _BENCH_MODULES = {
     "gemm": "qgemm._bench_gemm",
     "embedding": "qgemm._bench_embedding",
+    "averaging": "qgemm._bench_averaging",
 }
 
 
