@@ -25,14 +25,16 @@ L3), same thread count for qgemm and torch, alternating rounds with pauses
 
 from __future__ import annotations
 
+import statistics
+import time
 import warnings
 from typing import Any
 
 import numpy as np
 
 from . import _config
-from ._benchtools import Table, compare, geomean
-from .models import DLRM
+from ._benchtools import PAUSE_SECONDS, Table, compare, geomean
+from .models import DLRM, PARTS
 
 BATCHES = [1, 16, 128, 512]
 QUICK_BATCHES = [1, 128]
@@ -119,10 +121,13 @@ class TorchDLRM:
         return (torch.from_numpy(dense), [torch.from_numpy(i) for i in indices],
                 [torch.from_numpy(o) for o in offsets])
 
-    def predict(self, dense, indices, offsets):
+    def predict(self, dense, indices, offsets, *, timings=None):
         torch = self.torch
+        clock = time.perf_counter
         with torch.no_grad():
+            t0 = clock()
             x = self._mlp(self.bottom, dense, True)
+            t1 = clock()
             if self.int8:
                 ly = [torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
                     t, i, o, False, 0, False, None, None, False)
@@ -130,11 +135,19 @@ class TorchDLRM:
             else:
                 ly = [torch.nn.functional.embedding_bag(i, t, o, mode="sum")
                       for t, i, o in zip(self.tables, indices, offsets, strict=True)]
+            t2 = clock()
             b, d = x.shape
             t = torch.cat([x] + ly, dim=1).view((b, -1, d))
             z = torch.bmm(t, torch.transpose(t, 1, 2))
             r = torch.cat([x, z[:, self.li, self.lj]], dim=1)
-            return torch.sigmoid(self._mlp(self.top, r, False))
+            t3 = clock()
+            p = torch.sigmoid(self._mlp(self.top, r, False))
+            t4 = clock()
+        if timings is not None:
+            for part, dt in (("mlp", (t1 - t0) + (t4 - t3)), ("embedding", t2 - t1),
+                             ("interaction", t3 - t2)):
+                timings[part] = timings.get(part, 0.0) + dt
+        return p
 
 
 def contenders(model: DLRM, qmodel: DLRM, log: list, torch: Any,
@@ -205,5 +218,51 @@ def run(*, quick: bool = False, progress=None) -> list[Table]:
     ]
     if torch is None:
         notes.append("torch not installed: torch columns empty")
-    return [Table(title="DLRM inference per batch (qgemm int8 vs numpy / torch fp32 and "
-                        "torch int8 = FBGEMM)", columns=cols, rows=out_rows, notes=notes)]
+    split = split_table(model, qmodel, torch, tf, tq, 128, quick, progress)
+    return [split_first_table(out_rows, cols, notes), split]
+
+
+def split_first_table(out_rows, cols, notes) -> Table:
+    return Table(title="DLRM inference per batch (qgemm int8 vs numpy / torch fp32 and "
+                        "torch int8 = FBGEMM)", columns=cols, rows=out_rows, notes=notes)
+
+
+def split_table(model: DLRM, qmodel: DLRM, torch: Any, tf: TorchDLRM | None,
+                tq: TorchDLRM | None, batch: int, quick: bool, progress) -> Table:
+    """Median ms per part (``predict(..., timings=...)``) of each implementation at one batch
+    size: blocks of calls, implementations alternating, a pause between blocks."""
+    log = requests(model, batch)
+    impls: dict[str, tuple[Any, list]] = {"qgemm int8": (qmodel.predict, log),
+                                          "numpy fp32": (model.predict, log)}
+    if torch is not None and tf is not None and tq is not None:
+        tlog = [tf.prepare(b) for b in log]
+        impls["torch fp32"] = (tf.predict, tlog)
+        impls["torch int8"] = (tq.predict, tlog)
+    samples: dict[str, list[tuple[float, dict]]] = {k: [] for k in impls}
+    block = 0.15 if quick else 0.4
+    for _ in range(2 if quick else 3):
+        for name, (fn, batches) in impls.items():
+            time.sleep(PAUSE_SECONDS)
+            fn(*batches[0])
+            end = time.perf_counter() + block
+            i = 0
+            while i < 3 or time.perf_counter() < end:
+                t: dict[str, float] = {}
+                t0 = time.perf_counter()
+                fn(*batches[i % len(batches)], timings=t)
+                samples[name].append((time.perf_counter() - t0, t))
+                i += 1
+    rows = []
+    for name, got in samples.items():
+        total = statistics.median(lat for lat, _ in got)
+        parts = [statistics.median(t[p] for _, t in got) for p in PARTS]
+        rows.append([name, total * 1e3] + [p * 1e3 for p in parts]
+                    + [f"{parts[0] / sum(parts):.0%}"])
+    _step(progress, f"DLRM time split batch {batch}")
+    return Table(
+        title=f"DLRM time split per batch of {batch} (median ms per part)",
+        columns=["impl", "total ms", "embedding ms", "mlp ms", "interaction ms",
+                 "embedding share"],
+        rows=rows,
+        notes=["parts timed inside predict (torch: the same points in DLRM_Net's forward)"],
+    )
