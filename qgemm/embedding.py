@@ -56,7 +56,7 @@ _OUT_DTYPES = (np.float32, np.float16)
 _EMPTY_WEIGHTS = np.empty(0, np.float32)
 _EMPTY_OFFSETS = np.empty(0, np.int64)
 
-PARALLEL_MIN_WORK = 1 << 15
+PARALLEL_MIN_WORK = 1 << 16
 """Calls touching fewer than this many table elements (indices x dim) run on one thread: the
 cost of waking the worker threads is larger than the work.  Tests lower it."""
 

@@ -216,130 +216,122 @@ def _fmax_vec(builder, old, x):
     return builder.select(old_ok, pick, old)
 
 
-_VEC_CACHE: dict = {}
+SRC_IDS = {"f32": 0, "f16": 1, "code8": 2, "code4": 3, "code2": 4}
+OP_IDS = {"zero": 0, "set": 1, "max": 2, "add": 3, "addw": 4}
+_SRC_NAMES = {v: k for k, v in SRC_IDS.items()}
+_OP_NAMES = {v: k for k, v in OP_IDS.items()}
 
 
-def vec_update(src: str, op: str, width: int):
-    """An intrinsic ``f(acc, acc_off, table, byte_off, a, b, shift)`` doing, for ``width``
-    consecutive elements ``i``::
+def _literal(t):
+    return t.literal_value if isinstance(t, types.IntegerLiteral) else None
+
+
+@intrinsic
+def vec_update(typingctx, acc, acc_off, table, byte_off, a, b, shift, src_id, op_id, width):
+    """``vec_update(acc, acc_off, table, byte_off, a, b, shift, SRC, OP, WIDTH)``, the last
+    three compile-time constants (:data:`SRC_IDS`, :data:`OP_IDS`, a power of two).  For
+    ``i < WIDTH``::
 
         x[i] = row value i          (src "f32" / "f16": a float row at ``byte_off``;
-                                     "code": byte ``byte_off + i`` >> shift & mask -> float)
+                                     "codeB": byte ``byte_off + i`` >> shift & (2**B - 1))
         x[i] = x[i] * a + b         (codes: scale and bias; floats: a = weight ("addw"))
         acc[acc_off + i] = acc + x  (op "add"), max(acc, x) ("max"), x ("set") or 0 ("zero")
 
     For codes, op "add" leaves out the bias: ``acc += x * a`` (the caller adds the sum of the
-    biases once per bag, which saves one vector add per row).
+    biases once per bag, which saves one vector add per row).  Constants are literal
+    arguments (not closures over intrinsic objects) so that kernels stay cacheable on disk."""
+    src_v, op_v, width_v = _literal(src_id), _literal(op_id), _literal(width)
+    if src_v is None or op_v is None or width_v is None:
+        return None
+    src, op, w = _SRC_NAMES[src_v], _OP_NAMES[op_v], int(width_v)
+    vf = ir.VectorType(_F32, w)
+    sig = types.void(acc, types.intp, table, types.intp, types.float32, types.float32,
+                     types.intp, src_id, op_id, width)
 
-    ``src`` "code8" has no shift/mask; "code4"/"code2" mask to 4/2 bits."""
-    key = (src, op, width)
-    fn = _VEC_CACHE.get(key)
-    if fn is not None:
-        return fn
-    vf = ir.VectorType(_F32, width)
-
-    @intrinsic
-    def update(typingctx, acc, acc_off, table, byte_off, a, b, shift):
-        sig = types.void(acc, types.intp, table, types.intp, types.float32, types.float32,
-                         types.intp)
-
-        def codegen(context, builder, signature, args):
-            acc_a = context.make_array(signature.args[0])(context, builder, args[0])
-            aptr = builder.bitcast(builder.gep(acc_a.data, [args[1]]), vf.as_pointer())
-            bptr = _byte_pointer(context, builder, signature.args[2], args[2], args[3])
-            if op == "zero":
-                x = None
-            elif src == "f32":
-                x = builder.load(builder.bitcast(bptr, vf.as_pointer()), align=1)
-            elif src == "f16":
-                vh = ir.VectorType(ir.HalfType(), width)
-                x = builder.fpext(builder.load(builder.bitcast(bptr, vh.as_pointer()), align=1),
-                                  vf)
-            else:
-                vb = ir.VectorType(_I8, width)
-                c = builder.load(builder.bitcast(bptr, vb.as_pointer()), align=1)
-                if src != "code8":
-                    mask = (1 << int(src[4:])) - 1
-                    sh = _splat(builder, builder.trunc(args[6], _I8), width)
-                    c = builder.and_(builder.lshr(c, sh), ir.Constant(vb, [mask] * width))
-                x = builder.uitofp(c, vf)
-            if op == "zero":
-                pass
-            elif src.startswith("code") and op == "add":
-                # the bias is added once per bag (the caller sums it), not once per element
-                x = builder.fmul(x, _splat(builder, args[4], width))
-            elif src.startswith("code"):
-                x = builder.fadd(builder.fmul(x, _splat(builder, args[4], width),
-                                              flags=("contract",)),
-                                 _splat(builder, args[5], width), flags=("contract",))
-            elif op == "addw":
-                x = builder.fmul(x, _splat(builder, args[4], width))
-            if op == "zero":
-                new = ir.Constant(vf, [0.0] * width)
-            elif op == "set":
-                new = x
-            else:
-                old = builder.load(aptr, align=4)
-                new = _fmax_vec(builder, old, x) if op == "max" else builder.fadd(old, x)
-            builder.store(new, aptr, align=4)
+    def codegen(context, builder, signature, args):
+        acc_a = context.make_array(signature.args[0])(context, builder, args[0])
+        aptr = builder.bitcast(builder.gep(acc_a.data, [args[1]]), vf.as_pointer())
+        if op == "zero":
+            builder.store(ir.Constant(vf, [0.0] * w), aptr, align=4)
             return context.get_dummy_value()
+        bptr = _byte_pointer(context, builder, signature.args[2], args[2], args[3])
+        if src == "f32":
+            x = builder.load(builder.bitcast(bptr, vf.as_pointer()), align=1)
+        elif src == "f16":
+            vh = ir.VectorType(ir.HalfType(), w)
+            x = builder.fpext(builder.load(builder.bitcast(bptr, vh.as_pointer()), align=1), vf)
+        else:
+            vb = ir.VectorType(_I8, w)
+            c = builder.load(builder.bitcast(bptr, vb.as_pointer()), align=1)
+            if src != "code8":
+                mask = (1 << int(src[4:])) - 1
+                sh = _splat(builder, builder.trunc(args[6], _I8), w)
+                c = builder.and_(builder.lshr(c, sh), ir.Constant(vb, [mask] * w))
+            x = builder.uitofp(c, vf)
+        if src.startswith("code") and op == "add":
+            x = builder.fmul(x, _splat(builder, args[4], w))
+        elif src.startswith("code"):
+            x = builder.fadd(builder.fmul(x, _splat(builder, args[4], w), flags=("contract",)),
+                             _splat(builder, args[5], w), flags=("contract",))
+        elif op == "addw":
+            x = builder.fmul(x, _splat(builder, args[4], w))
+        if op == "set":
+            new = x
+        else:
+            old = builder.load(aptr, align=4)
+            new = _fmax_vec(builder, old, x) if op == "max" else builder.fadd(old, x)
+        builder.store(new, aptr, align=4)
+        return context.get_dummy_value()
 
-        return sig, codegen
-
-    _VEC_CACHE[key] = update
-    return update
+    return sig, codegen
 
 
-def vec_store(planes: int, width: int):
-    """An intrinsic ``f(out, out_off, acc, plane_len, j0, bias, scale)``: for plane
-    ``p < planes`` and ``i < width``, ``out[out_off + (j0 + i) * planes + p] =
-    (acc[p * plane_len + j0 + i] + bias) * scale`` -- a plain copy for one plane, the
-    interleave of 4/2-bit code planes back into element order otherwise."""
-    key = ("store", planes, width)
-    fn = _VEC_CACHE.get(key)
-    if fn is not None:
-        return fn
-    vf = ir.VectorType(_F32, width)
+@intrinsic
+def vec_store(typingctx, out, out_off, acc, plane_len, j0, bias, scale, planes, width):
+    """``vec_store(out, out_off, acc, plane_len, j0, bias, scale, PLANES, WIDTH)`` (the last two
+    compile-time constants): for plane ``p < PLANES`` and ``i < WIDTH``,
+    ``out[out_off + (j0 + i) * PLANES + p] = (acc[p * plane_len + j0 + i] + bias) * scale``
+    -- a plain copy for one plane, the interleave of 4/2-bit code planes back into element
+    order otherwise."""
+    planes_v, width_v = _literal(planes), _literal(width)
+    if planes_v is None or width_v is None:
+        return None
+    n_planes, w = int(planes_v), int(width_v)
+    vf = ir.VectorType(_F32, w)
+    sig = types.void(out, types.intp, acc, types.intp, types.intp, types.float32,
+                     types.float32, planes, width)
 
-    @intrinsic
-    def store(typingctx, out, out_off, acc, plane_len, j0, bias, scale):
-        sig = types.void(out, types.intp, acc, types.intp, types.intp, types.float32,
-                         types.float32)
+    def codegen(context, builder, signature, args):
+        out_a = context.make_array(signature.args[0])(context, builder, args[0])
+        acc_a = context.make_array(signature.args[2])(context, builder, args[2])
+        vecs = []
+        for p in range(n_planes):
+            off = builder.add(builder.mul(args[3], ir.Constant(args[3].type, p)), args[4])
+            ptr = builder.bitcast(builder.gep(acc_a.data, [off]), vf.as_pointer())
+            vecs.append(builder.load(ptr, align=4))
+        n = w
+        while len(vecs) > 1:  # concatenate pairwise
+            vecs = [builder.shuffle_vector(vecs[i], vecs[i + 1],
+                                           ir.Constant(ir.VectorType(_I32, 2 * n),
+                                                       list(range(2 * n))))
+                    for i in range(0, len(vecs), 2)]
+            n *= 2
+        allv = vecs[0]
+        total = n_planes * w
+        if n_planes > 1:
+            mask = [(k % n_planes) * w + k // n_planes for k in range(total)]
+            undef = ir.Constant(allv.type, ir.Undefined)
+            allv = builder.shuffle_vector(allv, undef,
+                                          ir.Constant(ir.VectorType(_I32, total), mask))
+        allv = builder.fadd(allv, _splat(builder, args[5], total))
+        allv = builder.fmul(allv, _splat(builder, args[6], total))
+        dst = builder.add(args[1], builder.mul(args[4], ir.Constant(args[4].type, n_planes)))
+        optr = builder.gep(out_a.data, [dst])
+        builder.store(allv, builder.bitcast(optr, ir.VectorType(_F32, total).as_pointer()),
+                      align=4)
+        return context.get_dummy_value()
 
-        def codegen(context, builder, signature, args):
-            out_a = context.make_array(signature.args[0])(context, builder, args[0])
-            acc_a = context.make_array(signature.args[2])(context, builder, args[2])
-            vecs = []
-            for p in range(planes):
-                off = builder.add(builder.mul(args[3], ir.Constant(args[3].type, p)), args[4])
-                ptr = builder.bitcast(builder.gep(acc_a.data, [off]), vf.as_pointer())
-                vecs.append(builder.load(ptr, align=4))
-            n = width
-            while len(vecs) > 1:  # concatenate pairwise
-                vecs = [builder.shuffle_vector(vecs[i], vecs[i + 1],
-                                               ir.Constant(ir.VectorType(_I32, 2 * n),
-                                                           list(range(2 * n))))
-                        for i in range(0, len(vecs), 2)]
-                n *= 2
-            allv = vecs[0]
-            total = planes * width
-            if planes > 1:
-                mask = [(k % planes) * width + k // planes for k in range(total)]
-                undef = ir.Constant(allv.type, ir.Undefined)
-                allv = builder.shuffle_vector(allv, undef,
-                                              ir.Constant(ir.VectorType(_I32, total), mask))
-            allv = builder.fadd(allv, _splat(builder, args[5], total))
-            allv = builder.fmul(allv, _splat(builder, args[6], total))
-            dst = builder.add(args[1], builder.mul(args[4], ir.Constant(args[4].type, planes)))
-            optr = builder.gep(out_a.data, [dst])
-            builder.store(allv, builder.bitcast(optr, ir.VectorType(_F32, total).as_pointer()),
-                          align=4)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    _VEC_CACHE[key] = store
-    return store
+    return sig, codegen
 
 
 def vec_width(n: int) -> int:
@@ -423,16 +415,20 @@ def embedding_bag_kernel(key):
     V = vec_width(CB) if DIM > 0 else 1
     NV = CB // V if DIM > 0 else 0
     VB = V * ITEM
-    SRC = {"float32": "f32", "float16": "f16"}.get(kind, "code" + str(BITS))
-    V_ZERO = vec_update(SRC, "zero", V)
-    V_SET = vec_update(SRC, "set", V)
-    V_MAX = vec_update(SRC, "max", V)
-    V_ADD = vec_update(SRC, "addw" if WEIGHTED and not QUANT else "add", V)
-    V_STORE = vec_store(PER, V)
+    SRC = SRC_IDS[{"float32": "f32", "float16": "f16"}.get(kind, "code" + str(BITS))]
+    OP_ZERO, OP_SET, OP_MAX = OP_IDS["zero"], OP_IDS["set"], OP_IDS["max"]
+    OP_ADD = OP_IDS["addw" if WEIGHTED and not QUANT else "add"]
+    # Branch conditions as plain booleans: numba prunes the dead side of ``if FLAG:`` before
+    # typing, so each kernel compiles only its own path.
+    VEC = DIM > 0
+    Q8 = BITS == 8
+    QN = QUANT and BITS < 8
+    F16 = KIND == "float16"
     ONE = np.float32(1.0)
     ZERO = np.float32(0.0)
     PF = PREFETCH
     PF_ALL = PREFETCH_ALL_LINES
+    HAS_PF = PF > 0
     LINE = _CACHE_LINE
     loop = prange if parallel else range
     sig = signature(key)
@@ -443,10 +439,10 @@ def embedding_bag_kernel(key):
     @numba.njit(sig, parallel=bool(parallel), cache=True, nogil=True, fastmath=fastmath)
     def embedding_bag(table, row_stride, rows, dim_rt, indices, offs, bags, weights, pad, out):
         n = indices.size
-        dim = DIM if DIM > 0 else dim_rt
+        dim = DIM if VEC else dim_rt
         if QUANT:
-            cb = CB if DIM > 0 else (dim * BITS + 7) // 8
-            need = cb + (8 if BITS == 8 else 4)  # bytes read per row
+            cb = CB if VEC else (dim * BITS + 7) // 8
+            need = cb + (8 if Q8 else 4)  # bytes read per row
         else:
             cb = dim
             need = dim * ITEM
@@ -500,17 +496,17 @@ def embedding_bag_kernel(key):
                 s = np.int64(offs[b])
                 e = np.int64(offs[b + 1]) if b + 1 < n_offs else n
             orow = out[b]
-            if DIM > 0:
+            if VEC:
                 # ---- specialised: vector updates of a register-resident accumulator ----
                 acc = stack_array(ACC)
                 if not MODE_MAX:
                     for p in range(PER):
                         for c in range(NV):
-                            V_ZERO(acc, p * CB + c * V, table, 0, ONE, ZERO, 0)
+                            vec_update(acc, p * CB + c * V, table, 0, ONE, ZERO, 0, SRC, OP_ZERO, V)
                 cnt = 0
                 bsum = ZERO  # sum of the (weighted) biases of the rows added (codes)
                 for k in range(s, e):
-                    if PF > 0:
+                    if HAS_PF:
                         kp = np.uint64(min(k + PF, n - 1))
                         pfirst = np.int64(indices[kp]) * row_bytes
                         prefetch(table, pfirst)
@@ -528,7 +524,7 @@ def embedding_bag_kernel(key):
                         w = ONE
                     base = r * row_bytes
                     if QUANT:
-                        if BITS == 8:
+                        if Q8:
                             a = load_f32(table, base + CB)
                             z = load_f32(table, base + CB + 4)
                         else:
@@ -545,25 +541,34 @@ def embedding_bag_kernel(key):
                     for p in range(PER):
                         for c in range(NV):
                             if first:
-                                V_SET(acc, p * CB + c * V, table, base + c * VB, a, z, p * BITS)
+                                vec_update(
+                                    acc, p * CB + c * V, table, base + c * VB, a, z, p * BITS, SRC,
+                                    OP_SET, V
+                                )
                             elif MODE_MAX:
-                                V_MAX(acc, p * CB + c * V, table, base + c * VB, a, z, p * BITS)
+                                vec_update(
+                                    acc, p * CB + c * V, table, base + c * VB, a, z, p * BITS, SRC,
+                                    OP_MAX, V
+                                )
                             else:
-                                V_ADD(acc, p * CB + c * V, table, base + c * VB, a, z, p * BITS)
+                                vec_update(
+                                    acc, p * CB + c * V, table, base + c * VB, a, z, p * BITS, SRC,
+                                    OP_ADD, V
+                                )
                 if MODE_MAX and cnt == 0:
                     for p in range(PER):
                         for c in range(NV):
-                            V_ZERO(acc, p * CB + c * V, table, 0, ONE, ZERO, 0)
+                            vec_update(acc, p * CB + c * V, table, 0, ONE, ZERO, 0, SRC, OP_ZERO, V)
                 scale = ONE
                 if MODE_MEAN and cnt > 1:
                     scale = ONE / np.float32(cnt)
                 if MODE_MAX:
                     bsum = ZERO
                 for c in range(NV):
-                    V_STORE(orow, 0, acc, CB, c * V, bsum, scale)
+                    vec_store(orow, 0, acc, CB, c * V, bsum, scale, PER, V)
                 continue
             # ---- generic dim: scalar loops (accumulating in out, or in code planes) ----
-            if QUANT and BITS < 8:
+            if QN:
                 acc = np.empty(cb * PER, np.float32)
             else:
                 acc = orow
@@ -573,7 +578,7 @@ def embedding_bag_kernel(key):
                     acc[j] = np.float32(0.0)
             cnt = 0
             for k in range(s, e):
-                if PF > 0:
+                if HAS_PF:
                     kp = np.uint64(min(k + PF, n - 1))
                     pfirst = np.int64(indices[kp]) * row_bytes
                     prefetch(table, pfirst)
@@ -591,7 +596,7 @@ def embedding_bag_kernel(key):
                 else:
                     w = np.float32(1.0)
                 if QUANT:
-                    if BITS == 8:
+                    if Q8:
                         sc = load_f32(table, base + cb)
                         bi = load_f32(table, base + cb + 4)
                     else:
@@ -618,7 +623,7 @@ def embedding_bag_kernel(key):
                                 plane[j] += sc * np.float32(code) + bi
                 else:
                     row = row_view(table, base, dim)
-                    if KIND == "float16":
+                    if F16:
                         if first:
                             for j in range(dim):
                                 acc[j] = half_to_float(row[j])
@@ -651,7 +656,7 @@ def embedding_bag_kernel(key):
             scale = np.float32(1.0)
             if MODE_MEAN and cnt > 1:
                 scale = np.float32(1.0) / np.float32(cnt)
-            if QUANT and BITS < 8:
+            if QN:
                 for p in range(PER):
                     for j in range(cb):
                         d = j * PER + p
@@ -660,7 +665,7 @@ def embedding_bag_kernel(key):
                                 orow[d] = acc[p * cb + j] * scale
                             else:
                                 orow[d] = acc[p * cb + j]
-            elif DIM > 0:
+            elif VEC:
                 if MODE_MEAN:
                     for j in range(dim):
                         orow[j] = acc[j] * scale
