@@ -257,7 +257,8 @@ def pack_times(shapes, torch) -> Table:
         t_q = _median(lambda codes=codes, qp=qp: pack_weight(codes, qparams=qp))
         t_f = _median(lambda c=c: pack_weight(c.w))
         if torch is not None:
-            qw = c.torch_packed(torch) and c._tqw
+            c.torch_packed(torch)
+            qw = c._tqw
             b = torch.from_numpy(c.bias)
             t_t = _median(lambda qw=qw, b=b: torch.ops.quantized.linear_prepack(qw, b))
         else:
@@ -398,7 +399,10 @@ def run(*, quick: bool = False, progress: Any = None) -> list[Table]:
         [f"geomean vs fbgemm {geomean(r_fb_d):.2f}x, vs ort {geomean(r_ort_d):.2f}x"],
     )
     tables = [static, dynamic]
-    tables.append(pack_times(shapes[-4:] if not quick else shapes[-2:], torch))
+    pack_shapes = [(1, 128, 128), (1, 1024, 1024)]
+    if not quick:
+        pack_shapes += [(1, 4096, 1024), (1, 4096, 2048)]
+    tables.append(pack_times(pack_shapes, torch))
     if progress is not None:
         progress.step("pack")
     tables.append(compile_times())

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from . import _cache, _config
-from ._kernels.gemm import gemm_kernel
+from ._kernels.gemm import gemm_kernel, pack_kernel
 from ._validate import as_array, check_choice, check_finite, check_int, check_out
 from .quantize import QParams, choose_qparams, quantize
 
@@ -127,23 +127,17 @@ class PackedWeight:
         npw = _panel_width(n)
         kg = -(-k // 4)
         npan = -(-n // npw) if n else 0
-        padded = np.zeros((npan * npw, kg * 4), np.int8)
-        padded[:n, :k] = codes
-        packed = _aligned_empty(padded.size)
-        packed.reshape(npan, kg, npw, 4)[...] = padded.reshape(npan, npw, kg, 4).transpose(
-            0, 2, 1, 3
-        )
+        packed = _aligned_empty(npan * npw * kg * 4)
+        colsum = np.empty(n, np.int64)
+        if not codes.flags.writeable:  # Numba types read-only arrays apart
+            codes = np.array(codes)
+        self._pairmax = int(pack_kernel(())(codes, npw, packed, colsum))
         self._packed = packed
         self._np = npw
         self._kg = kg
-        colsum = codes.sum(axis=1, dtype=np.int64) - np.int64(k) * zp.astype(np.int64)
-        self._colc = ((colsum + 2**31) % 2**32 - 2**31).astype(np.int32)  # int32 wrap
+        colsum -= np.int64(k) * zp.astype(np.int64)
+        self._colc = colsum.astype(np.int32)  # |colsum| <= 256 K: fits int32 within the K limit
         self._has_bzp = bool(np.any(zp))
-        if padded.size:
-            pairs = np.abs(padded.astype(np.int16)).reshape(-1, 2).sum(axis=1)
-            self._pairmax = int(pairs.max())
-        else:
-            self._pairmax = 0
         self._plans: dict = {}
         self._zi = np.zeros(n, np.int32)
         self._zf = np.zeros(n, np.float32)

@@ -78,6 +78,21 @@ def test_pack_unpack_roundtrip(shape, rng):
     assert "PackedWeight" in repr(pw)
 
 
+def test_pack_strided_and_readonly_views(rng):
+    base = _codes(rng, 40, 70)
+    for w in (base.T, base[::2, ::3], base[::-1]):
+        np.testing.assert_array_equal(
+            pack_weight(w, qparams=QParams(0.1, 0, dtype="int8")).unpack(), w
+        )
+    ro = base.copy()
+    ro.setflags(write=False)
+    pw = pack_weight(ro, qparams=QParams(0.1, 0, dtype="int8"))
+    np.testing.assert_array_equal(pw.unpack(), ro)
+    pairs = np.abs(np.pad(ro.astype(int), ((0, 0), (0, 2))))[:, :70].reshape(40, 35, 2)
+    assert pw._pairmax == pairs.sum(axis=-1).max()
+    np.testing.assert_array_equal(pw._colc, ro.sum(axis=1))
+
+
 @pytest.mark.parametrize(
     ("gran", "kw", "axis", "gs"),
     [

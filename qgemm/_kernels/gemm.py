@@ -481,3 +481,50 @@ def ceiling_kernel(key):
         return 0
 
     return ceiling
+
+
+@kernel_family("gemm_pack")
+def pack_kernel(key):
+    """Pack ``w [N, K]`` int8 into panels (see the module docstring) in one pass.
+
+    Key ``()``; ``pack(w, NP, packed, colsum) -> pairmax`` fills ``packed`` (zero padded),
+    ``colsum[j] = sum_k w[j, k]`` and returns ``max |w[j, 2i]| + |w[j, 2i + 1]|`` (the bound that
+    decides whether ``vpmaddubsw`` can saturate).
+    """
+    sig = types.int64(
+        types.Array(types.int8, 2, "A"),
+        types.int64,
+        types.Array(types.int8, 1, "C"),
+        types.Array(types.int64, 1, "C"),
+    )
+
+    @numba.njit(sig, cache=True, nogil=True, error_model="numpy")
+    def pack(w, NP, packed, colsum):
+        N, K = w.shape
+        KG = (K + 3) // 4
+        npan = (N + NP - 1) // NP
+        colsum[:] = 0
+        pairmax = np.int64(0)
+        for p in range(npan):
+            for g in range(KG):
+                base = (p * KG + g) * NP * 4
+                for c in range(NP):
+                    j = p * NP + c
+                    q = base + 4 * c
+                    if j >= N:
+                        for t in range(4):
+                            packed[q + t] = 0
+                        continue
+                    s = np.int64(0)
+                    for t in range(4):
+                        k = 4 * g + t
+                        v = w[j, k] if k < K else np.int8(0)
+                        packed[q + t] = v
+                        s += v
+                    colsum[j] += s
+                    p0 = abs(np.int64(packed[q])) + abs(np.int64(packed[q + 1]))
+                    p1 = abs(np.int64(packed[q + 2])) + abs(np.int64(packed[q + 3]))
+                    pairmax = max(pairmax, p0, p1)
+        return pairmax
+
+    return pack
