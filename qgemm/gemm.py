@@ -320,14 +320,14 @@ def _choose_path(saturate: bool, npw: int) -> tuple[str, str, int, int, int]:
     isa = _config.get_isa()
     if saturate:
         if isa == "portable":
-            return "portables", "portables", 4, 1, 16
+            return "portables", "portables", 4, npw // 16, npw
         return "avx2s", "avx2s", 4, 2, 16
     if isa == "avx512vnni":
         mr, nv = _VNNI_TILES[npw]
         return "vnni", "vnni", mr, nv, 16 * nv
     if isa == "avx2":
         return "avx2", "avx2x", 4, 2, 16
-    return "portable", "portable", 4, 1, 16
+    return "portable", "portable", 4, npw // 16, npw
 
 
 def _rows(x: np.ndarray, k: int) -> np.ndarray:
