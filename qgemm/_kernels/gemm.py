@@ -39,6 +39,9 @@ from numba.extending import overload
 
 from .._cache import kernel_family
 from .gemm_ukernel import AVX2_EXACT, AVX2_FAST, VNNI, ukr
+from .gemm_ukernel import FLOAT as MODE_FLOAT
+from .gemm_ukernel import RAW as MODE_RAW
+from .gemm_ukernel import REQUANT as MODE_REQUANT
 
 # Microkernel variants (literal ints passed to ``_tile``).
 PORTABLE = 10
@@ -53,6 +56,7 @@ VARIANTS = {
 }
 
 INT16_MAX = 32767
+NATIVE_VARIANTS = (VNNI, AVX2_FAST, AVX2_EXACT)
 PAR_ELEMS = 1 << 16  # activations quantized in parallel from this many elements on
 
 
@@ -66,15 +70,13 @@ def _tile_impl(a, a_row, lda_bytes, b, b_off, bstride, kgroups, c, init, mr, MR,
     if not isinstance(VARIANT, types.IntegerLiteral) or not isinstance(NV, types.IntegerLiteral):
         raise TypingError("_tile: NV and VARIANT must be integer literals")
     variant = VARIANT.literal_value
-    if variant in (VNNI, AVX2_FAST, AVX2_EXACT):
-        mr_c = MR.literal_value
-        nv_c = NV.literal_value
+    if variant in NATIVE_VARIANTS:
 
-        def impl(a, a_row, lda_bytes, b, b_off, bstride, kgroups, c, init, mr, MR, NV, VARIANT):
-            ukr(a, a_row * lda_bytes, lda_bytes, b, b_off, bstride, kgroups, c, init, mr, mr_c,
-                nv_c, variant)  # fmt: skip
+        def unreachable(a, a_row, lda_bytes, b, b_off, bstride, kgroups, c, init, mr, MR, NV,
+                        VARIANT):  # fmt: skip
+            pass  # native variants go through _tile_fused (branch never taken)
 
-        return impl
+        return unreachable
     sat = variant == PORTABLE_SAT
     nr = NV.literal_value * 16
 
@@ -108,6 +110,38 @@ def _tile_impl(a, a_row, lda_bytes, b, b_off, bstride, kgroups, c, init, mr, MR,
                     cr[col] = np.int32(cr[col] + np.int32(p0 + p1))
 
     return impl_portable
+
+
+def _tile_fused(a, a_row, lda_bytes, b, b_off, bstride, kgroups, init, mr, out, o_off, ldo, p1,
+                p2, bzp, rs, col, s1, s2, s3, MR, NV, VARIANT, MODE):  # fmt: skip
+    """Stub: the ``mr x NR`` tile with the output stage fused in registers (native ISAs)."""
+    raise NotImplementedError  # pragma: no cover - only called from jitted code
+
+
+@overload(_tile_fused, prefer_literal=True, inline="always")
+def _tile_fused_impl(a, a_row, lda_bytes, b, b_off, bstride, kgroups, init, mr, out, o_off, ldo,
+                     p1, p2, bzp, rs, col, s1, s2, s3, MR, NV, VARIANT, MODE):  # fmt: skip
+    for t in (MR, NV, VARIANT, MODE):
+        if not isinstance(t, types.IntegerLiteral):
+            raise TypingError("_tile_fused: MR, NV, VARIANT and MODE must be integer literals")
+    variant = VARIANT.literal_value
+    if variant not in NATIVE_VARIANTS:
+
+        def unreachable(a, a_row, lda_bytes, b, b_off, bstride, kgroups, init, mr, out, o_off,
+                        ldo, p1, p2, bzp, rs, col, s1, s2, s3, MR, NV, VARIANT, MODE):  # fmt: skip
+            pass  # the portable path goes through _tile (branch never taken)
+
+        return unreachable
+    mr_c = MR.literal_value
+    nv_c = NV.literal_value
+    mode_c = MODE.literal_value
+
+    def impl(a, a_row, lda_bytes, b, b_off, bstride, kgroups, init, mr, out, o_off, ldo, p1, p2,
+             bzp, rs, col, s1, s2, s3, MR, NV, VARIANT, MODE):  # fmt: skip
+        ukr(a, a_row * lda_bytes, lda_bytes, b, b_off, bstride, kgroups, init, mr, out, o_off,
+            ldo, p1, p2, bzp, rs, col, a_row, s1, s2, s3, mr_c, nv_c, variant, mode_c)  # fmt: skip
+
+    return impl
 
 
 @numba.njit(error_model="numpy")
@@ -294,6 +328,10 @@ def gemm_kernel(key):
     REQ = kind == "requant"
     DYN = kind == "dynamic"
     PAR = bool(parallel)
+    NATIVE = V_FAST in NATIVE_VARIANTS
+    MODE = MODE_RAW if RAW else (MODE_FLOAT if FLOAT else MODE_REQUANT)
+    OUT_DT = np.int32 if RAW else (np.float32 if FLOAT else np.uint8)
+    ES = np.dtype(OUT_DT).itemsize
 
     @numba.njit(_signature(kind), parallel=parallel, cache=True, nogil=True, error_model="numpy")
     def gemm(
@@ -380,9 +418,10 @@ def gemm_kernel(key):
                 for k in range(K):
                     s += aq[i, k]
                 rowsum[i] = s
+        NPAD = N + NR  # per-column vectors padded so full-width vector loads stay in bounds
         if REQ:
-            mult = np.empty(N, np.float32)
-            fbq = np.empty(N, np.float32)
+            mult = np.zeros(NPAD, np.float32)
+            fbq = np.zeros(NPAD, np.float32)
             for j in range(N):
                 ab = q_scale * bscale[j]
                 mult[j] = ab / c_scale
@@ -398,6 +437,23 @@ def gemm_kernel(key):
             fqmax = np.float32(0.0)
         azp64 = np.int64(q_zp)
         flo = np.float32(0.0) if relu else np.float32(-np.inf)
+        # fused output stage operands: (p1, p2, s1, s2, s3) per the microkernel's MODE
+        if NATIVE:
+            bzp_p = np.zeros(NPAD, np.int32)
+            bzp_p[:N] = bzp
+            if FLOAT:
+                p1 = np.zeros(NPAD, np.float32)
+                p2 = np.zeros(NPAD, np.float32)
+                p1[:N] = bscale
+                p2[:N] = fbias
+                s1, s2, s3 = q_scale, flo, np.float32(0.0)
+            elif REQ:
+                p1, p2 = fbq, mult
+                s1, s2, s3 = fczp, qlo, fqmax
+            else:
+                p1 = np.zeros(1, np.float32)
+                p2 = p1
+                s1, s2, s3 = np.float32(0.0), np.float32(0.0), np.float32(0.0)
         # ---- tasks: column tiles x row chunks
         nct = (N + NR - 1) // NR
         mblocks = (M + MR - 1) // MR
@@ -411,9 +467,11 @@ def gemm_kernel(key):
         nthr = max(1, min(nthr, ntask))
         per = (ntask + nthr - 1) // nthr
         work = np.empty((nthr, MR * NR + NR), np.int32)
+        tmpw = np.empty((nthr, MR, NR), OUT_DT)
         for tid in prange(nthr):
             scratch = work[tid, : MR * NR]
             init = work[tid, MR * NR :]
+            tmp = tmpw[tid]
             for t in range(tid * per, min(ntask, (tid + 1) * per)):
                 ct = t // chunks
                 rc = t - ct * chunks
@@ -431,6 +489,31 @@ def gemm_kernel(key):
                     cs_t = colc[j0 : j0 + nc]
                     for cc in range(nc):
                         init[cc] = np.int32(np.int64(ib_t[cc]) - azp64 * np.int64(cs_t[cc]))
+                if NATIVE:
+                    full = nc == NR
+                    for i0 in range(i_start, i_stop, MR):
+                        mr = min(MR, i_stop - i0)
+                        # full tiles are written in place; the last, partial one via tmp
+                        if full:
+                            dst = out
+                            o_off = (i0 * N + j0) * ES
+                            ldo = N * ES
+                        else:
+                            dst = tmp
+                            o_off = 0
+                            ldo = NR * ES
+                        if use_fast:
+                            _tile_fused(aq, i0, lda, b, boff, bstride, KG, init, mr, dst, o_off,
+                                        ldo, p1, p2, bzp_p, rowsum, j0, s1, s2, s3, MR, NV,
+                                        V_FAST, MODE)  # fmt: skip
+                        else:
+                            _tile_fused(aq, i0, lda, b, boff, bstride, KG, init, mr, dst, o_off,
+                                        ldo, p1, p2, bzp_p, rowsum, j0, s1, s2, s3, MR, NV,
+                                        V_EXACT, MODE)  # fmt: skip
+                        if not full:
+                            for r in range(mr):
+                                out[i0 + r, j0 : j0 + nc] = tmp[r, :nc]
+                    continue
                 bs_t = bscale[j0 : j0 + nc]
                 fb_t = fbias[j0 : j0 + nc]
                 bz_t = bzp[j0 : j0 + nc]
@@ -467,6 +550,7 @@ def ceiling_kernel(key):
     """
     variant, MR, NV, NR = key
     V = VARIANTS[variant]
+    NATIVE = V in NATIVE_VARIANTS
     sig = types.int64(
         types.Array(types.uint8, 2, "A"),
         types.Array(types.int8, 1, "C"),
@@ -479,10 +563,19 @@ def ceiling_kernel(key):
     def ceiling(a, b, kgroups, reps, threads):
         lda = a.strides[0]
         for _t in prange(threads):
-            scratch = np.empty(MR * NR, np.int32)
+            out = np.empty((MR, NR), np.int32)
             init = np.zeros(NR, np.int32)
+            scratch = np.empty(MR * NR, np.int32)
+            f1 = np.zeros(NR, np.float32)
+            z1 = np.zeros(NR, np.int32)
+            rs = np.zeros(MR, np.int64)
+            zero = np.float32(0.0)
             for _ in range(reps):
-                _tile(a, 0, lda, b, 0, NR * 4, kgroups, scratch, init, MR, MR, NV, V)
+                if NATIVE:
+                    _tile_fused(a, 0, lda, b, 0, NR * 4, kgroups, init, MR, out, 0, NR * 4, f1,
+                                f1, z1, rs, 0, zero, zero, zero, MR, NV, V, MODE_RAW)  # fmt: skip
+                else:
+                    _tile(a, 0, lda, b, 0, NR * 4, kgroups, scratch, init, MR, MR, NV, V)
         return 0
 
     return ceiling

@@ -1,19 +1,28 @@
-"""The int8 GEMM register-tile microkernels, emitted as LLVM IR through a Numba ``@intrinsic``.
+"""The int8 GEMM register-tile microkernels with the output stage fused, emitted as LLVM IR
+through a Numba ``@intrinsic`` (qgemm's counterpart of FBGEMM's asmjit-generated kernels).
 
-``ukr(a, a_off, lda, b, b_off, bstride, kgroups, c, init, mr, MR, NV, VARIANT)`` computes an
-``mr x NR`` tile (``mr <= MR``) of ``init + A @ B`` over ``kgroups`` groups of 4 consecutive
-``k`` and stores it, int32, row-major with row stride ``NR`` into ``c`` (a scratch buffer):
+``ukr(a, a_off, lda, b, b_off, bstride, kgroups, init, mr, out, o_off, ldo, p1, p2, bzp, rs,
+col, row, s1, s2, s3, MR, NV, VARIANT, MODE)`` computes an ``mr x NR`` tile (``mr <= MR``) of
+``init + A @ B`` over ``kgroups`` groups of 4 consecutive ``k`` in int32 registers, applies the
+output stage to the registers and stores the tile:
 
-* ``init`` (int32, ``NR`` entries) starts every row's accumulators: the output stage folds its
-  per-column integer terms (``bias - a_zp * colsum``) in there for free.
-
-* ``a`` is a uint8 array; row ``r`` of the tile starts ``a_off + r * lda`` bytes into its data
-  and holds ``4 * kgroups`` readable bytes.
-* ``b`` is the packed int8 weight: for each k-group, ``NR`` columns x 4 consecutive k
-  (FBGEMM's ``PackBMatrix`` grouping); consecutive k-groups of the tile are ``bstride`` bytes
-  apart starting ``b_off`` bytes into the data.
-* ``MR``, ``NV``, ``VARIANT`` are compile-time literals.  ``mr`` is a run-time value: the
-  intrinsic emits one fully unrolled tile loop per ``mr`` in ``1..MR`` behind a ``switch``.
+* ``a`` (uint8): row ``r`` of the tile starts ``a_off + r * lda`` bytes into its data and holds
+  ``4 * kgroups`` readable bytes.
+* ``b`` (int8): the packed weight -- per k-group, ``NR`` columns x 4 consecutive ``k``
+  (FBGEMM's ``PackBMatrix`` grouping); k-groups ``bstride`` bytes apart from ``b_off``.
+* ``init`` (int32, ``NR``): starts every row's accumulators; the caller folds the per-column
+  integer terms (``int bias - a_zp * colsum``) in there for free.
+* output stage (``MODE``): ``RAW`` stores the int32 accumulators; ``FLOAT`` stores
+  ``(raw - rs[row + r] * bzp[col + j]) * s1 * p1[col + j] + p2[col + j]`` then ``max(., s2)``
+  (FBGEMM's ``ReQuantizeForFloat``: ``s1`` = activation scale, ``p1`` = weight scales, ``p2``
+  = float bias, ``s2`` = 0 or -inf for ReLU); ``REQUANT`` stores uint8
+  ``clamp(rint((raw' + p1) * p2) + s1, s2, s3)`` (``ReQuantizeOutput``: ``p1`` = bias / (a_s *
+  w_s), ``p2`` = a_s * w_s / out_s, ``s1`` = out zero point, ``[s2, s3]`` the clamp range).
+  All float arithmetic in float32 in that order, ``rint`` = round half to even.  The per-column
+  vectors are read ``NR`` wide from ``col``: callers pad them.  Row ``r`` of the output is
+  ``o_off + r * ldo`` bytes into ``out``'s data.
+* ``MR``, ``NV``, ``VARIANT``, ``MODE`` are compile-time literals; ``mr`` is a run-time value:
+  one fully unrolled tile per ``mr`` in ``1..MR`` behind a ``switch``.
 
 Variants (``NR`` = columns per tile):
 
@@ -30,8 +39,8 @@ Variants (``NR`` = columns per tile):
     (a >> 7)``; both halves go through ``vpmaddubsw`` without saturating (|pair| <= 32512),
     the high half is weighted by 128 in ``vpmaddwd``.  About 0.6x the fast variant.
 
-Accumulators are allocas in the entry block (LLVM promotes them to registers); all loads are
-unaligned (``align 1``), so numpy buffers of any alignment are safe.
+Accumulators are allocas in the entry block (LLVM promotes them to registers); all vector
+loads and stores are unaligned (``align 1``), so numpy buffers of any alignment are safe.
 """
 
 from __future__ import annotations
@@ -45,6 +54,11 @@ from numba.extending import intrinsic
 VNNI = 0
 AVX2_FAST = 1
 AVX2_EXACT = 2
+
+# Output stages (MODE literal)
+RAW = 1
+FLOAT = 2
+REQUANT = 3
 
 _I8 = ir.IntType(8)
 _I16 = ir.IntType(16)
@@ -60,7 +74,7 @@ def _splat(builder: ir.IRBuilder, scalar: ir.Value, vty: ir.VectorType) -> ir.Va
 
 
 def _emit_tile(
-    builder, module, a_base, lda, b_base, bstride, kgroups, c_base, init_base, rows, nv, variant
+    builder, module, a_base, lda, b_base, bstride, kgroups, init_base, outp, rows, nv, variant
 ):
     """Emit the k loop of one ``rows x NR`` tile and the store of its accumulators."""
     if variant == VNNI:
@@ -131,12 +145,70 @@ def _emit_tile(
                     th = builder.call(maddwd, [builder.call(maddubs, [avh, bb]), w128])
                     acc = builder.load(accs[r][v])
                     builder.store(builder.add(acc, builder.add(tl, th)), accs[r][v])
-    nr = nv * lanes
-    for r in range(rows):
+    _emit_output(builder, module, accs, rows, nv, lanes, acc_t, outp)
+
+
+def _emit_output(builder, module, accs, rows, nv, lanes, acc_t, outp):
+    """The fused output stage on the accumulator registers (FBGEMM's output pipeline).
+
+    ``outp``: dict with ``mode`` (RAW, FLOAT, REQUANT), ``o_base`` (i8* of the tile's first
+    output element), ``ldo`` (bytes between output rows), ``p1``/``p2`` (float* per-column
+    vectors at the tile's first column), ``bzp`` (i32* per-column weight zero points), ``rs``
+    (i64* row sums at the tile's first row) and the float scalars ``s1``, ``s2``, ``s3``.
+    """
+    mode = outp["mode"]
+    f_t = ir.VectorType(ir.FloatType(), lanes)
+    esize = {RAW: 4, FLOAT: 4, REQUANT: 1}[mode]
+    if mode != RAW:
+        bzps = []
+        p1s = []
+        p2s = []
         for v in range(nv):
-            off = ir.Constant(_I64, (r * nr + v * lanes) * 4)
-            p = builder.bitcast(builder.gep(c_base, [off]), acc_t.as_pointer())
-            builder.store(builder.load(accs[r][v]), p, align=4)
+            off = ir.Constant(_I64, v * lanes * 4)
+            bzps.append(_vload(builder, outp["bzp"], off, acc_t))
+            p1s.append(_vload(builder, outp["p1"], off, f_t))
+            p2s.append(_vload(builder, outp["p2"], off, f_t))
+        s1 = _splat(builder, outp["s1"], f_t)
+        s2 = _splat(builder, outp["s2"], f_t)
+        s3 = _splat(builder, outp["s3"], f_t)
+        if mode == REQUANT:
+            rint = cgutils.get_or_insert_function(
+                module, ir.FunctionType(f_t, [f_t]), f"llvm.rint.v{lanes}f32"
+            )
+    for r in range(rows):
+        row_base = builder.gep(outp["o_base"], [builder.mul(outp["ldo"], ir.Constant(_I64, r))])
+        if mode != RAW:
+            rs_p = builder.gep(outp["rs"], [ir.Constant(_I64, r * 8)])
+            rs = builder.trunc(
+                builder.load(builder.bitcast(rs_p, _I64.as_pointer()), align=8), _I32
+            )
+            rsv = _splat(builder, rs, acc_t)
+        for v in range(nv):
+            acc = builder.load(accs[r][v])
+            dst = builder.gep(row_base, [ir.Constant(_I64, v * lanes * esize)])
+            if mode == RAW:
+                builder.store(acc, builder.bitcast(dst, acc_t.as_pointer()), align=1)
+                continue
+            acc = builder.sub(acc, builder.mul(rsv, bzps[v]))  # - rowsum[i] * w_zp[j]
+            f = builder.sitofp(acc, f_t)
+            if mode == FLOAT:
+                # raw * a_scale * w_scale[j] + bias[j], max(., flo)  (FBGEMM's order)
+                f = builder.fadd(builder.fmul(builder.fmul(f, s1), p1s[v]), p2s[v])
+                f = builder.select(builder.fcmp_ordered(">", f, s2), f, s2)
+                builder.store(f, builder.bitcast(dst, f_t.as_pointer()), align=1)
+            else:
+                # rint((raw + bias / ab) * mult) + c_zp, clamped to [qlo, qmax]
+                f = builder.fmul(builder.fadd(f, p1s[v]), p2s[v])
+                f = builder.fadd(builder.call(rint, [f]), s1)
+                f = builder.select(builder.fcmp_ordered(">", f, s2), f, s2)
+                f = builder.select(builder.fcmp_ordered("<", f, s3), f, s3)
+                q = builder.trunc(builder.fptosi(f, acc_t), ir.VectorType(_I8, lanes))
+                builder.store(q, builder.bitcast(dst, q.type.as_pointer()), align=1)
+
+
+def _vload(builder, base, off, vty):
+    p = builder.bitcast(builder.gep(base, [off]), vty.as_pointer())
+    return builder.load(p, align=1)
 
 
 def _data_i8p(context, builder, aty, val):
@@ -145,63 +217,74 @@ def _data_i8p(context, builder, aty, val):
 
 
 @intrinsic
-def ukr(typingctx, a, a_off, lda, b, b_off, bstride, kgroups, c, init, mr, MR, NV, VARIANT):
-    for name, t in (("MR", MR), ("NV", NV), ("VARIANT", VARIANT)):
+def ukr(
+    typingctx, a, a_off, lda, b, b_off, bstride, kgroups, init, mr, out, o_off, ldo, p1, p2, bzp,
+    rs, col, row, s1, s2, s3, MR, NV, VARIANT, MODE,
+):  # fmt: skip
+    for name, t in (("MR", MR), ("NV", NV), ("VARIANT", VARIANT), ("MODE", MODE)):
         if not isinstance(t, types.IntegerLiteral):
             raise TypingError(f"ukr: {name} must be an integer literal, got {t}")
-    if not (isinstance(a, types.Array) and a.dtype == types.uint8):
-        raise TypingError(f"ukr: a must be a uint8 array, got {a}")
-    if not (isinstance(b, types.Array) and b.dtype == types.int8):
-        raise TypingError(f"ukr: b must be an int8 array, got {b}")
-    if not (isinstance(c, types.Array) and c.dtype == types.int32):
-        raise TypingError(f"ukr: c must be an int32 array, got {c}")
-    if not (isinstance(init, types.Array) and init.dtype == types.int32):
-        raise TypingError(f"ukr: init must be an int32 array, got {init}")
-    for name, t in (
-        ("a_off", a_off),
-        ("lda", lda),
-        ("b_off", b_off),
-        ("bstride", bstride),
-        ("kgroups", kgroups),
-        ("mr", mr),
-    ):
+    arrays = (("a", a, types.uint8), ("b", b, types.int8), ("init", init, types.int32),
+              ("p1", p1, types.float32), ("p2", p2, types.float32), ("bzp", bzp, types.int32),
+              ("rs", rs, types.int64))  # fmt: skip
+    for name, t, dt in arrays:
+        if not (isinstance(t, types.Array) and t.dtype == dt):
+            raise TypingError(f"ukr: {name} must be a {dt} array, got {t}")
+    mode = MODE.literal_value
+    out_dt = {RAW: types.int32, FLOAT: types.float32, REQUANT: types.uint8}[mode]
+    if not (isinstance(out, types.Array) and out.dtype == out_dt):
+        raise TypingError(f"ukr: out must be a {out_dt} array for mode {mode}, got {out}")
+    ints = (("a_off", a_off), ("lda", lda), ("b_off", b_off), ("bstride", bstride),
+            ("kgroups", kgroups), ("mr", mr), ("o_off", o_off), ("ldo", ldo), ("col", col),
+            ("row", row))  # fmt: skip
+    for name, t in ints:
         if not isinstance(t, types.Integer):
             raise TypingError(f"ukr: {name} must be an integer, got {t}")
+    for name, t in (("s1", s1), ("s2", s2), ("s3", s3)):
+        if t != types.float32:
+            raise TypingError(f"ukr: {name} must be float32, got {t}")
     mr_max = MR.literal_value
     nv = NV.literal_value
     variant = VARIANT.literal_value
-    sig = types.void(a, a_off, lda, b, b_off, bstride, kgroups, c, init, mr, MR, NV, VARIANT)
+    sig = types.void(
+        a, a_off, lda, b, b_off, bstride, kgroups, init, mr, out, o_off, ldo, p1, p2, bzp, rs,
+        col, row, s1, s2, s3, MR, NV, VARIANT, MODE,
+    )  # fmt: skip
 
     def codegen(context, builder, signature, args):
-        ints = {}
-        for idx in (1, 2, 4, 5, 6, 9):
-            ints[idx] = context.cast(builder, args[idx], signature.args[idx], types.int64)
-        a_base = builder.gep(_data_i8p(context, builder, signature.args[0], args[0]), [ints[1]])
-        b_base = builder.gep(_data_i8p(context, builder, signature.args[3], args[3]), [ints[4]])
-        c_base = _data_i8p(context, builder, signature.args[7], args[7])
-        init_base = _data_i8p(context, builder, signature.args[8], args[8])
+        def i64(idx):
+            return context.cast(builder, args[idx], signature.args[idx], types.int64)
+
+        def data(idx):
+            return _data_i8p(context, builder, signature.args[idx], args[idx])
+
+        a_base = builder.gep(data(0), [i64(1)])
+        b_base = builder.gep(data(3), [i64(4)])
+        init_base = data(7)
+        col4 = builder.mul(i64(16), ir.Constant(_I64, 4))
+        outp = {
+            "mode": mode,
+            "o_base": builder.gep(data(9), [i64(10)]),
+            "ldo": i64(11),
+            "p1": builder.gep(data(12), [col4]),
+            "p2": builder.gep(data(13), [col4]),
+            "bzp": builder.gep(data(14), [col4]),
+            "rs": builder.gep(data(15), [builder.mul(i64(17), ir.Constant(_I64, 8))]),
+            "s1": args[18],
+            "s2": args[19],
+            "s3": args[20],
+        }
+        lda_v, bstride_v, kg_v = i64(2), i64(5), i64(6)
         module = builder.module
         fn = builder.function
         end = fn.append_basic_block("ukr.end")
-        sw = builder.switch(ints[9], end)
+        sw = builder.switch(i64(8), end)
         for rows in range(1, mr_max + 1):
             bb = fn.append_basic_block(f"ukr.rows{rows}")
             sw.add_case(ir.Constant(_I64, rows), bb)
             builder.position_at_end(bb)
-            _emit_tile(
-                builder,
-                module,
-                a_base,
-                ints[2],
-                b_base,
-                ints[5],
-                ints[6],
-                c_base,
-                init_base,
-                rows,
-                nv,
-                variant,
-            )
+            _emit_tile(builder, module, a_base, lda_v, b_base, bstride_v, kg_v, init_base, outp,
+                       rows, nv, variant)  # fmt: skip
             builder.branch(end)
         builder.position_at_end(end)
         return context.get_dummy_value()
