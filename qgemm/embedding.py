@@ -289,8 +289,13 @@ def embedding_bag(
             pad += rows
 
     # ---- output ----
+    if out_dtype is not None:
+        try:
+            out_dtype = np.dtype(out_dtype)
+        except TypeError:
+            raise TypeError(f"out_dtype: expected float32 or float16, got {out_dtype!r}") from None
     if out is not None:
-        if out_dtype is not None and np.dtype(out_dtype) != getattr(out, "dtype", None):
+        if out_dtype is not None and out_dtype != getattr(out, "dtype", None):
             raise TypeError(
                 f"out_dtype: {np.dtype(out_dtype).name} does not match out "
                 f"({getattr(out, 'dtype', type(out).__name__)})"

@@ -310,6 +310,7 @@ def test_bad_index_2d_position_and_unused_index(small):
          "out"),
         ({"offsets": np.array([0]), "out": [[0.0, 0.0]]}, TypeError, "out"),
         ({"offsets": np.array([0]), "out_dtype": np.float64}, TypeError, "out_dtype"),
+        ({"offsets": np.array([0]), "out_dtype": "float17"}, TypeError, "out_dtype"),
         ({"offsets": np.array([0]), "out": np.empty((1, 2), np.float32), "out_dtype": "float16"},
          TypeError, "out_dtype"),
     ],

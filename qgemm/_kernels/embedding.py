@@ -15,8 +15,11 @@ A kernel is specialised, through :func:`qgemm._cache.kernel_family`, on the key
 ``mode``
     ``"sum"``, ``"mean"`` or ``"max"``.
 ``dim``
-    The embedding dimension as a compile-time constant (LLVM then unrolls and vectorises the
-    row loop completely), or 0 for the generic kernel that reads it at run time.
+    The embedding dimension as a compile-time constant (:func:`specialised_dim`: multiples of
+    8 up to 1024), or 0 for the generic kernel that reads it at run time.  Specialised
+    kernels keep the bag's accumulator in vector registers and update it with explicit
+    vector IR (:func:`vec_update`); the generic one uses scalar loops that LLVM vectorises,
+    accumulating in ``out``.
 ``parallel``
     Parallel over bags (``prange``) or serial (small calls, where the cost of waking the
     worker threads is larger than the work).
@@ -27,9 +30,17 @@ touching the output or reading any row.  It returns ``(code, position, value)``:
 success; the others are listed in :data:`ERRORS` and turned into exceptions by the wrapper.
 
 Rows are read straight from the table (the quantized ones are dequantized on the fly, never
-materialised), with the float32/float16 scale and bias fetched by unaligned loads, and the
-rows ``PREFETCH`` positions ahead are prefetched into the cache (``llvm.prefetch``), as
-FBGEMM does.  Float accumulation is in float32 (a float16 table is widened on load).
+materialised), with the float32/float16 scale and bias fetched by unaligned loads; the row
+``PREFETCH`` indices ahead is prefetched (``llvm.prefetch``, one line per 64 bytes), as FBGEMM
+does.  Accumulation is in float32 (a float16 table is widened on load).  For quantized rows the
+sum mode accumulates ``code * scale`` and adds the sum of the biases once per bag (one vector
+operation per row less than ``code * scale + bias``); 4/2-bit rows are accumulated as code
+planes (all low nibbles, then all high nibbles) so that each update is one contiguous vector
+operation, and the planes are interleaved back into element order when the bag is stored.
+
+Kernels are cached on disk by Numba.  Everything a kernel closes over must pickle the same way
+in every process (ints, strings, bools, numpy scalars): the vector intrinsics therefore take
+their variant as literal integer arguments instead of being captured as objects.
 """
 
 from __future__ import annotations
@@ -72,6 +83,7 @@ ERRORS = {
 }
 
 _CACHE_LINE = 64
+_PF_LOCALITY = 3  # prefetcht0 (measured: t1/t2 were slower)
 
 
 # -- intrinsics --------------------------------------------------------------------------------
@@ -129,7 +141,7 @@ def prefetch(typingctx, arr, byte_offset):
         i32 = ir.IntType(32)
         fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+        builder.call(fn, [ptr, i32(0), i32(_PF_LOCALITY), i32(1)])
         return context.get_dummy_value()
 
     return sig, codegen
