@@ -72,8 +72,9 @@ def ref_quantize_rowwise_fused(table, bits):
     out = np.zeros((rows, cb + (8 if bits == 8 else 4)), np.uint8)
     for r in range(rows):
         row = table[r]
-        mn = np.float32(row.min()) if dim else np.float32(0)
-        mx = np.float32(row.max()) if dim else np.float32(0)
+        # std::min_element / max_element: the *first* extreme element (matters for -0.0)
+        mn = np.float32(row[np.argmin(row)]) if dim else np.float32(0)
+        mx = np.float32(row[np.argmax(row)]) if dim else np.float32(0)
         if bits == 8:
             rng = np.float32(mx - mn)
             scale = np.float32(rng / np.float32(255))
