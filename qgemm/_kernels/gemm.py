@@ -38,7 +38,7 @@ from numba.core.errors import TypingError
 from numba.extending import overload
 
 from .._cache import kernel_family
-from .gemm_ukernel import AVX2_EXACT, AVX2_FAST, VNNI, ukr
+from .gemm_ukernel import AVX2_EXACT, AVX2_FAST, VNNI, atomic_next, ukr
 from .gemm_ukernel import FLOAT as MODE_FLOAT
 from .gemm_ukernel import RAW as MODE_RAW
 from .gemm_ukernel import REQUANT as MODE_REQUANT
@@ -461,18 +461,22 @@ def gemm_kernel(key):
         mc = MR * ((mblocks + chunks - 1) // chunks)
         ntask = nct * chunks
         bstride = NP * 4
-        # one contiguous block of tasks per thread (static schedule, like FBGEMM's split of
-        # the N blocks over threads); scratch tiles allocated once per thread
+        # one worker per thread, each taking the next task from an atomic counter (dynamic
+        # schedule: a thread slowed by a busy core takes fewer tasks); scratch tiles
+        # allocated once per worker
         nthr = nthreads if PAR else 1
         nthr = max(1, min(nthr, ntask))
-        per = (ntask + nthr - 1) // nthr
         work = np.empty((nthr, MR * NR + NR), np.int32)
         tmpw = np.empty((nthr, MR, NR), OUT_DT)
+        counter = np.zeros(1, np.int64)
         for tid in prange(nthr):
             scratch = work[tid, : MR * NR]
             init = work[tid, MR * NR :]
             tmp = tmpw[tid]
-            for t in range(tid * per, min(ntask, (tid + 1) * per)):
+            while True:
+                t = atomic_next(counter)
+                if t >= ntask:
+                    break
                 ct = t // chunks
                 rc = t - ct * chunks
                 i_start = rc * mc

@@ -290,3 +290,17 @@ def ukr(
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@intrinsic
+def atomic_next(typingctx, counter):
+    """``counter[0]++`` atomically, returning the old value (dynamic task scheduling)."""
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
+        raise TypingError(f"atomic_next: counter must be an int64 array, got {counter}")
+    sig = types.int64(counter)
+
+    def codegen(context, builder, signature, args):
+        arr = cgutils.create_struct_proxy(signature.args[0])(context, builder, value=args[0])
+        return builder.atomic_rmw("add", arr.data, ir.Constant(_I64, 1), "monotonic")
+
+    return sig, codegen
