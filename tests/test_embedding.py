@@ -104,6 +104,18 @@ def test_specialised_dim(kind, mode, rng):
     check(got, dense, idx, offsets, mode=mode, padding_idx=pad)
 
 
+@pytest.mark.parametrize(("kind", "mode"), [(k, "sum") for k in KINDS] + [(2, "max"),
+                                                                         ("float16", "max")])
+def test_specialised_dim_mixed_vector_chunks(kind, mode, rng):
+    # dim 36: 8-bit rows are 32+4 codes, 4-bit planes 16+2 bytes, 2-bit planes 8+1 bytes
+    table, dense = make_table(kind, 30, 36, rng)
+    idx = rng.integers(0, 30, 50)
+    offsets = np.array([0, 7, 7, 49])
+    w = rng.standard_normal(50).astype(np.float32) if mode == "sum" else None
+    got = embedding_bag(table, idx, offsets, mode=mode, per_sample_weights=w, padding_idx=4)
+    check(got, dense, idx, offsets, mode=mode, weights=w, padding_idx=4)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_specialised_dim_weighted_and_odd_rows(kind, rng):
     table, dense = make_table(kind, 9, 24, rng)

@@ -16,9 +16,9 @@ A kernel is specialised, through :func:`qgemm._cache.kernel_family`, on the key
     ``"sum"``, ``"mean"`` or ``"max"``.
 ``dim``
     The embedding dimension as a compile-time constant (:func:`specialised_dim`: multiples of
-    8 up to 1024), or 0 for the generic kernel that reads it at run time.  Specialised
+    4 up to 1024), or 0 for the generic kernel that reads it at run time.  Specialised
     kernels keep the bag's accumulator in vector registers and update it with explicit
-    vector IR (:func:`vec_update`); the generic one uses scalar loops that LLVM vectorises,
+    vector IR (:func:`vec_row`); the generic one uses scalar loops that LLVM vectorises,
     accumulating in ``out``.
 ``parallel``
     Parallel over bags (``prange``) or serial (small calls, where the cost of waking the
@@ -229,129 +229,150 @@ def _fmax_vec(builder, old, x):
 
 
 SRC_IDS = {"f32": 0, "f16": 1, "code8": 2, "code4": 3, "code2": 4}
-OP_IDS = {"zero": 0, "set": 1, "max": 2, "add": 3, "addw": 4}
+OP_IDS = {"zero": 0, "max": 1, "add": 2, "addw": 3}
 _SRC_NAMES = {v: k for k, v in SRC_IDS.items()}
 _OP_NAMES = {v: k for k, v in OP_IDS.items()}
+_SRC_ITEM = {"f32": 4, "f16": 2}
 
 
 def _literal(t):
     return t.literal_value if isinstance(t, types.IntegerLiteral) else None
 
 
+def vector_chunks(n: int) -> list[tuple[int, int]]:
+    """``n`` consecutive elements as ``(offset, width)`` chunks of 16, 8, 4, 2, 1."""
+    out, off = [], 0
+    for w in (16, 8, 4, 2, 1):
+        while n - off >= w:
+            out.append((off, w))
+            off += w
+    return out
+
+
 @intrinsic
-def vec_update(typingctx, acc, acc_off, table, byte_off, a, b, shift, src_id, op_id, width):
-    """``vec_update(acc, acc_off, table, byte_off, a, b, shift, SRC, OP, WIDTH)``, the last
-    three compile-time constants (:data:`SRC_IDS`, :data:`OP_IDS`, a power of two).  For
-    ``i < WIDTH``::
+def vec_row(typingctx, acc, acc_off, table, byte_off, a, b, shift, first, src_id, op_id, length):
+    """``vec_row(acc, acc_off, table, byte_off, a, b, shift, first, SRC, OP, LENGTH)``, the last
+    three compile-time constants (:data:`SRC_IDS`, :data:`OP_IDS`, the element count).  For
+    ``i < LENGTH``, in vector chunks of 16/8/4/2/1 (:func:`vector_chunks`)::
 
         x[i] = row value i          (src "f32" / "f16": a float row at ``byte_off``;
                                      "codeB": byte ``byte_off + i`` >> shift & (2**B - 1))
         x[i] = x[i] * a + b         (codes: scale and bias; floats: a = weight ("addw"))
-        acc[acc_off + i] = acc + x  (op "add"), max(acc, x) ("max"), x ("set") or 0 ("zero")
+        acc[acc_off + i] = acc + x  (op "add"), max(acc, x) ("max"; x when ``first``), or 0
+                                    ("zero": nothing is read)
 
     For codes, op "add" leaves out the bias: ``acc += x * a`` (the caller adds the sum of the
-    biases once per bag, which saves one vector add per row).  Constants are literal
-    arguments (not closures over intrinsic objects) so that kernels stay cacheable on disk."""
-    src_v, op_v, width_v = _literal(src_id), _literal(op_id), _literal(width)
-    if src_v is None or op_v is None or width_v is None:
+    biases once per bag, which saves one vector add per row).  Max propagates NaN.  The
+    variant is given by literal arguments (not by closing over intrinsic objects) so that
+    kernels stay cacheable on disk."""
+    src_v, op_v, len_v = _literal(src_id), _literal(op_id), _literal(length)
+    if src_v is None or op_v is None or len_v is None:
         return None
-    src, op, w = _SRC_NAMES[src_v], _OP_NAMES[op_v], int(width_v)
-    vf = ir.VectorType(_F32, w)
+    src, op, n = _SRC_NAMES[src_v], _OP_NAMES[op_v], int(len_v)
+    item = _SRC_ITEM.get(src, 1)
     sig = types.void(acc, types.intp, table, types.intp, types.float32, types.float32,
-                     types.intp, src_id, op_id, width)
+                     types.intp, types.boolean, src_id, op_id, length)
 
     def codegen(context, builder, signature, args):
         acc_a = context.make_array(signature.args[0])(context, builder, args[0])
-        aptr = builder.bitcast(builder.gep(acc_a.data, [args[1]]), vf.as_pointer())
-        if op == "zero":
-            builder.store(ir.Constant(vf, [0.0] * w), aptr, align=4)
-            return context.get_dummy_value()
-        bptr = _byte_pointer(context, builder, signature.args[2], args[2], args[3])
-        if src == "f32":
-            x = builder.load(builder.bitcast(bptr, vf.as_pointer()), align=1)
-        elif src == "f16":
-            vh = ir.VectorType(ir.HalfType(), w)
-            x = builder.fpext(builder.load(builder.bitcast(bptr, vh.as_pointer()), align=1), vf)
-        else:
-            vb = ir.VectorType(_I8, w)
-            c = builder.load(builder.bitcast(bptr, vb.as_pointer()), align=1)
-            if src != "code8":
-                mask = (1 << int(src[4:])) - 1
-                sh = _splat(builder, builder.trunc(args[6], _I8), w)
-                c = builder.and_(builder.lshr(c, sh), ir.Constant(vb, [mask] * w))
-            x = builder.uitofp(c, vf)
-        if src.startswith("code") and op == "add":
-            x = builder.fmul(x, _splat(builder, args[4], w))
-        elif src.startswith("code"):
-            x = builder.fadd(builder.fmul(x, _splat(builder, args[4], w), flags=("contract",)),
-                             _splat(builder, args[5], w), flags=("contract",))
-        elif op == "addw":
-            x = builder.fmul(x, _splat(builder, args[4], w))
-        if op == "set":
-            new = x
-        else:
+        first = args[7]
+        for off, w in vector_chunks(n):
+            vf = ir.VectorType(_F32, w)
+            aoff = builder.add(args[1], ir.Constant(args[1].type, off))
+            aptr = builder.bitcast(builder.gep(acc_a.data, [aoff]), vf.as_pointer())
+            if op == "zero":
+                builder.store(ir.Constant(vf, [0.0] * w), aptr, align=4)
+                continue
+            boff = builder.add(args[3], ir.Constant(args[3].type, off * item))
+            bptr = _byte_pointer(context, builder, signature.args[2], args[2], boff)
+            if src == "f32":
+                x = builder.load(builder.bitcast(bptr, vf.as_pointer()), align=1)
+            elif src == "f16":
+                vh = ir.VectorType(ir.HalfType(), w)
+                x = builder.fpext(
+                    builder.load(builder.bitcast(bptr, vh.as_pointer()), align=1), vf
+                )
+            else:
+                vb = ir.VectorType(_I8, w)
+                c = builder.load(builder.bitcast(bptr, vb.as_pointer()), align=1)
+                if src != "code8":
+                    mask = (1 << int(src[4:])) - 1
+                    sh = _splat(builder, builder.trunc(args[6], _I8), w)
+                    c = builder.and_(builder.lshr(c, sh), ir.Constant(vb, [mask] * w))
+                x = builder.uitofp(c, vf)
+            if src.startswith("code") and op == "add":
+                x = builder.fmul(x, _splat(builder, args[4], w))
+            elif src.startswith("code"):
+                x = builder.fadd(
+                    builder.fmul(x, _splat(builder, args[4], w), flags=("contract",)),
+                    _splat(builder, args[5], w),
+                    flags=("contract",),
+                )
+            elif op == "addw":
+                x = builder.fmul(x, _splat(builder, args[4], w))
             old = builder.load(aptr, align=4)
-            new = _fmax_vec(builder, old, x) if op == "max" else builder.fadd(old, x)
-        builder.store(new, aptr, align=4)
+            if op == "max":
+                new = builder.select(first, x, _fmax_vec(builder, old, x))
+            else:
+                new = builder.fadd(old, x)
+            builder.store(new, aptr, align=4)
         return context.get_dummy_value()
 
     return sig, codegen
 
 
 @intrinsic
-def vec_store(typingctx, out, out_off, acc, plane_len, j0, bias, scale, planes, width):
-    """``vec_store(out, out_off, acc, plane_len, j0, bias, scale, PLANES, WIDTH)`` (the last two
-    compile-time constants): for plane ``p < PLANES`` and ``i < WIDTH``,
-    ``out[out_off + (j0 + i) * PLANES + p] = (acc[p * plane_len + j0 + i] + bias) * scale``
-    -- a plain copy for one plane, the interleave of 4/2-bit code planes back into element
-    order otherwise."""
-    planes_v, width_v = _literal(planes), _literal(width)
-    if planes_v is None or width_v is None:
+def vec_store_row(typingctx, out, acc, plane_len, bias, scale, planes, length):
+    """``vec_store_row(out, acc, plane_len, bias, scale, PLANES, LENGTH)`` (the last two
+    compile-time constants): for plane ``p < PLANES`` and ``j < LENGTH``,
+    ``out[j * PLANES + p] = (acc[p * plane_len + j] + bias) * scale`` -- a plain copy for one
+    plane, the interleave of 4/2-bit code planes back into element order otherwise."""
+    planes_v, len_v = _literal(planes), _literal(length)
+    if planes_v is None or len_v is None:
         return None
-    n_planes, w = int(planes_v), int(width_v)
-    vf = ir.VectorType(_F32, w)
-    sig = types.void(out, types.intp, acc, types.intp, types.intp, types.float32,
-                     types.float32, planes, width)
+    n_planes, n = int(planes_v), int(len_v)
+    sig = types.void(out, acc, types.intp, types.float32, types.float32, planes, length)
 
     def codegen(context, builder, signature, args):
         out_a = context.make_array(signature.args[0])(context, builder, args[0])
-        acc_a = context.make_array(signature.args[2])(context, builder, args[2])
-        vecs = []
-        for p in range(n_planes):
-            off = builder.add(builder.mul(args[3], ir.Constant(args[3].type, p)), args[4])
-            ptr = builder.bitcast(builder.gep(acc_a.data, [off]), vf.as_pointer())
-            vecs.append(builder.load(ptr, align=4))
-        n = w
-        while len(vecs) > 1:  # concatenate pairwise
-            vecs = [builder.shuffle_vector(vecs[i], vecs[i + 1],
-                                           ir.Constant(ir.VectorType(_I32, 2 * n),
-                                                       list(range(2 * n))))
-                    for i in range(0, len(vecs), 2)]
-            n *= 2
-        allv = vecs[0]
-        total = n_planes * w
-        if n_planes > 1:
-            mask = [(k % n_planes) * w + k // n_planes for k in range(total)]
-            undef = ir.Constant(allv.type, ir.Undefined)
-            allv = builder.shuffle_vector(allv, undef,
-                                          ir.Constant(ir.VectorType(_I32, total), mask))
-        allv = builder.fadd(allv, _splat(builder, args[5], total))
-        allv = builder.fmul(allv, _splat(builder, args[6], total))
-        dst = builder.add(args[1], builder.mul(args[4], ir.Constant(args[4].type, n_planes)))
-        optr = builder.gep(out_a.data, [dst])
-        builder.store(allv, builder.bitcast(optr, ir.VectorType(_F32, total).as_pointer()),
-                      align=4)
+        acc_a = context.make_array(signature.args[1])(context, builder, args[1])
+        for j0, w in vector_chunks(n):
+            vf = ir.VectorType(_F32, w)
+            vecs = []
+            for p in range(n_planes):
+                off = builder.add(builder.mul(args[2], ir.Constant(args[2].type, p)),
+                                  ir.Constant(args[2].type, j0))
+                ptr = builder.bitcast(builder.gep(acc_a.data, [off]), vf.as_pointer())
+                vecs.append(builder.load(ptr, align=4))
+            m = w
+            while len(vecs) > 1:  # concatenate pairwise
+                vecs = [
+                    builder.shuffle_vector(
+                        vecs[i], vecs[i + 1],
+                        ir.Constant(ir.VectorType(_I32, 2 * m), list(range(2 * m))),
+                    )
+                    for i in range(0, len(vecs), 2)
+                ]
+                m *= 2
+            allv = vecs[0]
+            total = n_planes * w
+            if n_planes > 1:
+                mask = [(k % n_planes) * w + k // n_planes for k in range(total)]
+                undef = ir.Constant(allv.type, ir.Undefined)
+                allv = builder.shuffle_vector(
+                    allv, undef, ir.Constant(ir.VectorType(_I32, total), mask)
+                )
+            if total == 1:  # a <1 x float> vector: fine for LLVM, kept uniform
+                pass
+            allv = builder.fadd(allv, _splat(builder, args[3], total))
+            allv = builder.fmul(allv, _splat(builder, args[4], total))
+            optr = builder.gep(out_a.data, [ir.Constant(ir.IntType(64), j0 * n_planes)])
+            builder.store(
+                allv, builder.bitcast(optr, ir.VectorType(_F32, total).as_pointer()), align=4
+            )
         return context.get_dummy_value()
 
     return sig, codegen
-
-
-def vec_width(n: int) -> int:
-    """Largest of 16, 8, 4, 2, 1 dividing ``n``."""
-    for w in (16, 8, 4, 2):
-        if n % w == 0:
-            return w
-    return 1
 
 
 @numba.njit(inline="always")
@@ -375,9 +396,10 @@ MAX_SPECIALISED_DIM = 1024
 
 
 def specialised_dim(dim: int) -> int:
-    """The ``dim`` entry of the key: ``dim`` itself for the usual embedding sizes (multiples of
-    8 up to :data:`MAX_SPECIALISED_DIM`, which get register accumulators), else 0 (generic)."""
-    return dim if 0 < dim <= MAX_SPECIALISED_DIM and dim % 8 == 0 else 0
+    """The ``dim`` entry of the key: ``dim`` itself when it is a multiple of 4 up to
+    :data:`MAX_SPECIALISED_DIM` (the usual embedding sizes; their kernels keep the accumulator
+    in vector registers), else 0 (the generic kernel)."""
+    return dim if 0 < dim <= MAX_SPECIALISED_DIM and dim % 4 == 0 else 0
 
 
 def signature(key):
@@ -422,14 +444,10 @@ def embedding_bag_kernel(key):
     # update is a contiguous, vectorisable loop; the planes are interleaved once per bag.
     CB = (DIM * BITS + 7) // 8 if QUANT else DIM  # code bytes per row (0: run time)
     ACC = CB * PER if QUANT else DIM
-    # Vector updates (specialised kernels): V elements per call, NV calls per plane, VB bytes
-    # of table per call.
-    V = vec_width(CB) if DIM > 0 else 1
-    NV = CB // V if DIM > 0 else 0
-    VB = V * ITEM
+    # Specialised kernels: one vec_row call per code plane (CB elements) and row.
     SRC = SRC_IDS[{"float32": "f32", "float16": "f16"}.get(kind, "code" + str(BITS))]
-    OP_ZERO, OP_SET, OP_MAX = OP_IDS["zero"], OP_IDS["set"], OP_IDS["max"]
-    OP_ADD = OP_IDS["addw" if WEIGHTED and not QUANT else "add"]
+    OP_ZERO = OP_IDS["zero"]
+    OP_ROW = OP_IDS["max" if MODE_MAX else ("addw" if WEIGHTED and not QUANT else "add")]
     # Branch conditions as plain booleans: numba prunes the dead side of ``if FLAG:`` before
     # typing, so each kernel compiles only its own path.
     VEC = DIM > 0
@@ -513,8 +531,7 @@ def embedding_bag_kernel(key):
                 acc = stack_array(ACC)
                 if not MODE_MAX:
                     for p in range(PER):
-                        for c in range(NV):
-                            vec_update(acc, p * CB + c * V, table, 0, ONE, ZERO, 0, SRC, OP_ZERO, V)
+                        vec_row(acc, p * CB, table, 0, ONE, ZERO, 0, False, SRC, OP_ZERO, CB)
                 cnt = 0
                 bsum = ZERO  # sum of the (weighted) biases of the rows added (codes)
                 for k in range(s, e):
@@ -528,7 +545,7 @@ def embedding_bag_kernel(key):
                     r = np.int64(indices[np.uint64(k)])
                     if r == pad:
                         continue
-                    first = MODE_MAX and cnt == 0
+                    first = cnt == 0
                     cnt += 1
                     if WEIGHTED:
                         w = weights[np.uint64(k)]
@@ -545,39 +562,21 @@ def embedding_bag_kernel(key):
                         if WEIGHTED:
                             a = a * w
                             z = z * w
-                        if not MODE_MAX:
-                            bsum += z
+                        bsum += z
                     else:
                         a = w
                         z = ZERO
                     for p in range(PER):
-                        for c in range(NV):
-                            if first:
-                                vec_update(
-                                    acc, p * CB + c * V, table, base + c * VB, a, z, p * BITS, SRC,
-                                    OP_SET, V
-                                )
-                            elif MODE_MAX:
-                                vec_update(
-                                    acc, p * CB + c * V, table, base + c * VB, a, z, p * BITS, SRC,
-                                    OP_MAX, V
-                                )
-                            else:
-                                vec_update(
-                                    acc, p * CB + c * V, table, base + c * VB, a, z, p * BITS, SRC,
-                                    OP_ADD, V
-                                )
+                        vec_row(acc, p * CB, table, base, a, z, p * BITS, first, SRC, OP_ROW, CB)
                 if MODE_MAX and cnt == 0:
                     for p in range(PER):
-                        for c in range(NV):
-                            vec_update(acc, p * CB + c * V, table, 0, ONE, ZERO, 0, SRC, OP_ZERO, V)
+                        vec_row(acc, p * CB, table, 0, ONE, ZERO, 0, False, SRC, OP_ZERO, CB)
                 scale = ONE
                 if MODE_MEAN and cnt > 1:
                     scale = ONE / np.float32(cnt)
                 if MODE_MAX:
                     bsum = ZERO
-                for c in range(NV):
-                    vec_store(orow, 0, acc, CB, c * V, bsum, scale, PER, V)
+                vec_store_row(orow, acc, CB, bsum, scale, PER, CB)
                 continue
             # ---- generic dim: scalar loops (accumulating in out, or in code planes) ----
             if QN:
