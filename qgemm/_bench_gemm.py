@@ -283,8 +283,9 @@ def _median(fn, n: int = 5) -> float:
 
 
 def compile_times() -> Table:
-    """Cold compile (fresh process, empty cache dir) and warm-cache load of the GEMM kernels
-    used by one ``quantized_linear`` + one ``linear`` call, measured in subprocesses."""
+    """Import + first ``pack_weight`` + ``quantized_linear`` + ``linear`` call in a fresh
+    process: cold (empty Numba cache directory: compiles the packing, quantize and two GEMM
+    kernels) and warm (loads them from the on-disk cache), measured in subprocesses."""
     import os
     import subprocess
     import sys
@@ -311,7 +312,7 @@ def compile_times() -> Table:
             except (ValueError, IndexError):
                 rows.append([label, NAN])
     return Table(
-        "GEMM kernel compile time (s, import excluded: 2 kernels, requant + dynamic)",
+        "GEMM first-call time in a fresh process (s, incl. import: pack + requant + dynamic)",
         ["case", "seconds"],
         rows,
     )
