@@ -283,6 +283,34 @@ def test_matmul_parallel_path(isa, rng):
         np.testing.assert_array_equal(matmul_u8s8(a, b), ref_matmul_u8s8(a, b.T))
 
 
+def test_parallel_output_stages(rng):
+    """Problems large enough for the parallel kernels (threads > 1) and the parallel
+    activation-quantization prologue, default ISA: every output stage, with zero points."""
+    m, n, k = 300, 100, 256
+    codes = _codes(rng, n, k)
+    pw, _ = _pw_int8(codes, "channel", zp=True, rng=rng)
+    xq = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    xqp = QParams(0.03, 117)
+    bias = rng.standard_normal(n).astype(np.float32)
+    raw = ref_gemm_corrected(xq, 117, codes, pw.zero_point)
+    oqp = QParams(0.2, 5)
+    np.testing.assert_array_equal(
+        quantized_linear(xq, xqp, pw, bias, relu=True, out_qparams=oqp),
+        ref_output_requant(raw, xqp.scale, pw.scale, oqp.scale, 5, bias, True),
+    )
+    np.testing.assert_allclose(
+        quantized_linear(xq, xqp, pw, bias),
+        ref_output_float(raw, xqp.scale, pw.scale, bias),
+        rtol=FLOAT32_RTOL,
+        atol=FLOAT32_ATOL,
+    )
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    _check_linear(x, pw, codes, bias, True, None)
+    x[150, 7] = np.nan
+    with pytest.raises(ValueError, match=r"x: .*index \(150, 7\)"):
+        linear(x, pw)
+
+
 def test_matmul_out_and_readonly_inputs(rng):
     a = rng.integers(0, 256, (4, 8), dtype=np.uint8)
     b = rng.integers(-128, 128, (8, 5), dtype=np.int8)
