@@ -12,7 +12,7 @@ Two variants per config, as FBGEMM's benchmark does with and without its cache f
 
 * ``same``: the same indices every call -- the rows they touch stay in the caches (L2/L3);
 * ``fresh``: a new index set per call, cycling through enough sets that the rows touched
-  since a set was last used exceed the L3 twice over -- the rows come from DRAM (except for
+  since a set was last used exceed the L3 four times over -- the rows come from DRAM (except for
   tables that fit in the L3 entirely, e.g. 100k x 32 fp32 = 12.8 MB: noted in the table).
 
 Effective bandwidth = bytes of the rows read (codes + scale/bias for quantized rows) per
@@ -103,10 +103,12 @@ def index_sets(rows: int, bags: int, pooling: int, count: int, seed: int = 1) ->
 
 
 def fresh_count(kind: str, dim: int, bags: int, pooling: int) -> int:
-    """Index sets to cycle through so that rows come from DRAM: > 2x L3 of distinct lines."""
+    """Index sets to cycle through so that rows come from DRAM: the lines touched between two
+    uses of a set exceed 4x the L3 (with 2x, measured, some rows still hit in the L3 and
+    the ratios depended on the prefetch distance in ways DRAM-bound code does not)."""
     lines = -(-row_bytes(kind, dim) // 64) + 1
     per_call = bags * pooling * lines * 64
-    return int(min(max(8, -(-2 * L3_BYTES // per_call)), 256))
+    return int(min(max(16, -(-4 * L3_BYTES // per_call)), 512))
 
 
 def contenders(tables: Tables, kind: str, sets: list, bags: int, pooling: int, torch) -> dict:
