@@ -190,14 +190,14 @@ def test_parallel_path(rng, monkeypatch):
     monkeypatch.setattr(emb_mod, "PARALLEL_MIN_WORK", 0)
     old = qgemm.set_num_threads(2) if qgemm.get_num_threads() != 2 else 2
     try:
-        for kind in ("float32", 4):
-            table, dense = make_table(kind, 300, 16, rng)
+        for kind, dim in (("float32", 16), (4, 16), (8, 5)):
+            table, dense = make_table(kind, 300, dim, rng)
             lens = rng.integers(0, 9, 64)
             idx = rng.integers(0, 300, int(lens.sum()))
             offsets = np.concatenate([[0], np.cumsum(lens)[:-1]])
             got = embedding_bag(table, idx, offsets)
             check(got, dense, idx, offsets)
-            out = np.full((64, 16), 7.0, np.float32)
+            out = np.full((64, dim), 7.0, np.float32)
             bad = idx.copy()
             bad[-1] = 300
             with pytest.raises(IndexError, match="out of range"):
