@@ -444,6 +444,10 @@ def embedding_bag_kernel(key):
     # update is a contiguous, vectorisable loop; the planes are interleaved once per bag.
     CB = (DIM * BITS + 7) // 8 if QUANT else DIM  # code bytes per row (0: run time)
     ACC = CB * PER if QUANT else DIM
+    # Bytes read per row (specialised kernels): the codes and the scale/bias, or the floats.
+    # A compile-time constant: computed inside the kernel, numba's parallel lowering passed it
+    # to the outlined loop body as a run-time value and the prefetch loop over it was lost.
+    NEED = (CB + (8 if BITS == 8 else 4)) if QUANT else DIM * ITEM
     # Specialised kernels: one vec_row call per code plane (CB elements) and row.
     SRC = SRC_IDS[{"float32": "f32", "float16": "f16"}.get(kind, "code" + str(BITS))]
     OP_ZERO = OP_IDS["zero"]
@@ -540,7 +544,7 @@ def embedding_bag_kernel(key):
                         pfirst = np.int64(indices[kp]) * row_bytes
                         prefetch(table, pfirst)
                         if PF_ALL:  # one prefetch per 64 bytes of the row, as FBGEMM
-                            for c in range(LINE, need, LINE):
+                            for c in range(LINE, NEED, LINE):  # constant trip count
                                 prefetch(table, pfirst + c)
                     r = np.int64(indices[np.uint64(k)])
                     if r == pad:
