@@ -57,6 +57,19 @@ VARIANTS = {
 
 INT16_MAX = 32767
 NATIVE_VARIANTS = (VNNI, AVX2_FAST, AVX2_EXACT)
+# Parallelise the explicit prange loops only: with plain parallel=True, Numba turns every array
+# expression (np.zeros, a[:] = b, ...) into a parallel region of its own -- one fork/join each
+# (~3 us apiece on 2 cores, and a stall whenever a core is busy).
+PRANGE_ONLY = {
+    "prange": True,
+    "comprehension": False,
+    "reduction": False,
+    "inplace_binop": False,
+    "setitem": False,
+    "numpy": False,
+    "stencil": False,
+    "fusion": False,
+}
 PAR_ELEMS = 1 << 16  # activations quantized in parallel from this many elements on
 
 
@@ -333,7 +346,13 @@ def gemm_kernel(key):
     OUT_DT = np.int32 if RAW else (np.float32 if FLOAT else np.uint8)
     ES = np.dtype(OUT_DT).itemsize
 
-    @numba.njit(_signature(kind), parallel=parallel, cache=True, nogil=True, error_model="numpy")
+    @numba.njit(
+        _signature(kind),
+        parallel=PRANGE_ONLY if parallel else False,
+        cache=True,
+        nogil=True,
+        error_model="numpy",
+    )
     def gemm(
         a,
         M,
@@ -563,7 +582,7 @@ def ceiling_kernel(key):
         types.int64,
     )
 
-    @numba.njit(sig, parallel=True, cache=True, nogil=True)
+    @numba.njit(sig, parallel=PRANGE_ONLY, cache=True, nogil=True)
     def ceiling(a, b, kgroups, reps, threads):
         lda = a.strides[0]
         for _t in prange(threads):
