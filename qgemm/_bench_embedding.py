@@ -221,6 +221,8 @@ def run(*, quick: bool = False, progress=None) -> list[Table]:
         f"max |qgemm - torch| / pooling on the checked calls: {worst_err:.2e}",
     ]
     notes.append("short of target: " + ("; ".join(short) if short else "none"))
+    notes.append("on a busy machine a 2-thread call of either runtime can stall ~8 ms (an OpenMP "
+                 "worker waiting for a core): times near 8000 µs mean the run was disturbed")
     main = Table(title="Embedding bag, mode=sum (qgemm.embedding_bag vs torch)", columns=cols,
                  rows=rows_out, notes=notes)
     return [main, _latency_table(torch, quick, progress)]
