@@ -32,6 +32,7 @@ largest ``K`` whose worst-case dot product fits int32); larger ``K`` raises ``Va
 
 from __future__ import annotations
 
+from time import perf_counter as _perf_counter
 from typing import Any
 
 import numpy as np
@@ -357,8 +358,49 @@ def _activation_rows(x: np.ndarray, k: int, kg: int) -> np.ndarray:
     return buf
 
 
-def _plan(kind: str, m: int, weight: PackedWeight, saturate: bool):
-    """(kernel, nchunks, threads) for a call; memoised per weight (the per-call fast path)."""
+class _Plan:
+    """How one call shape runs: the kernel(s), the task split and -- when the problem is big
+    enough for threads -- a tiny online choice between the parallel kernel and its serial twin.
+
+    Both twins give bit-identical results.  Calls of a parallel-eligible plan are timed (two
+    ``perf_counter`` reads) and the faster twin so far is used; the other one is re-tried
+    after a back-off (0.25 s, doubling up to 8 s while it keeps losing).  On an idle machine
+    the parallel kernel wins and stays chosen; when another process occupies a core, a
+    fork/join region waits for a descheduled worker (milliseconds per call) and the serial
+    twin takes over until a probe shows the cores are free again.
+    """
+
+    __slots__ = ("ser", "par", "nchunks", "threads", "t_ser", "t_par", "use_par", "next_probe",
+                 "backoff")  # fmt: skip
+
+    def __init__(self, ser, par, nchunks, threads):
+        self.ser = ser
+        self.par = par
+        self.nchunks = nchunks
+        self.threads = threads
+        self.t_ser = 0.0  # running estimates (seconds per call); 0: not measured yet
+        self.t_par = 0.0
+        self.use_par = True
+        self.next_probe = 0.0
+        self.backoff = _PROBE_MIN
+
+
+_PROBE_MIN = 0.25
+_PROBE_MAX = 8.0
+
+
+def _estimate(old: float, dt: float) -> float:
+    """Running per-call time: follows drops at once, rises halfway per sample."""
+    return dt if old == 0.0 or dt < old else 0.5 * (old + dt)
+
+
+def _kernel(key):
+    kern = _KERNELS.get(key)
+    return gemm_kernel(key) if kern is None else kern
+
+
+def _plan(kind: str, m: int, weight: PackedWeight, saturate: bool) -> _Plan:
+    """The plan of a call; memoised per weight (the per-call fast path)."""
     isa = _config.get_isa()
     threads = _config.get_num_threads()
     pkey = (kind, m, saturate, isa, threads)
@@ -369,15 +411,12 @@ def _plan(kind: str, m: int, weight: PackedWeight, saturate: bool):
     fast, exact, mr, nv, nr = _choose_path(saturate, weight._np)
     nct = -(-n // nr)
     parallel = threads > 1 and m * n * k >= _PARALLEL_MIN_MACS and (nct > 1 or m > mr)
-    if parallel:
-        nchunks = 1 if nct >= 4 * threads else -(-4 * threads // max(nct, 1))
-    else:
-        nchunks = 1
-    key = (kind, fast, exact, mr, nv, nr, parallel)
-    kern = _KERNELS.get(key)
-    if kern is None:
-        kern = gemm_kernel(key)
-    plan = (kern, nchunks, threads if parallel else 1)
+    nchunks = 1
+    if parallel and nct < 4 * threads:
+        nchunks = -(-4 * threads // max(nct, 1))
+    ser = _kernel((kind, fast, exact, mr, nv, nr, False))
+    par = _kernel((kind, fast, exact, mr, nv, nr, True)) if parallel else None
+    plan = _Plan(ser, par, nchunks, threads if parallel else 1)
     if len(weight._plans) > 64:
         weight._plans.clear()
     weight._plans[pkey] = plan
@@ -387,35 +426,42 @@ def _plan(kind: str, m: int, weight: PackedWeight, saturate: bool):
 def _run(
     kind, a2, m, weight, saturate, a_zp, a_scale, ibias, fbias, c_scale, c_zp, relu, qmax, out2
 ):
-    kern, nchunks, threads = _plan(kind, m, weight, saturate)
-    if threads > 1:
-        _config.sync_threads()
+    plan = _plan(kind, m, weight, saturate)
     n, k = weight.shape
-    return kern(
-        a2,
-        m,
-        k,
-        weight._kg,
-        weight._packed,
-        n,
-        weight._np,
-        weight._colc,
-        weight._bzp,
-        weight._has_bzp,
-        a_zp,
-        a_scale,
-        weight._bscale,
-        ibias,
-        fbias,
-        c_scale,
-        c_zp,
-        relu,
-        weight._pairmax,
-        qmax,
-        nchunks,
-        threads,
-        out2,
-    )
+    args = (
+        a2, m, k, weight._kg, weight._packed, n, weight._np, weight._colc, weight._bzp,
+        weight._has_bzp, a_zp, a_scale, weight._bscale, ibias, fbias, c_scale, c_zp, relu,
+        weight._pairmax, qmax, plan.nchunks,
+    )  # fmt: skip
+    if plan.par is None:
+        return plan.ser(*args, 1, out2)
+    t0 = _perf_counter()
+    probe = t0 >= plan.next_probe or plan.t_ser == 0.0 or plan.t_par == 0.0
+    if plan.t_par == 0.0:
+        use_par = True  # first call: measure the parallel twin, then the serial one
+    elif plan.t_ser == 0.0:
+        use_par = False
+    else:
+        use_par = plan.use_par != probe
+    if use_par:
+        _config.sync_threads()
+        code = plan.par(*args, plan.threads, out2)
+    else:
+        code = plan.ser(*args, 1, out2)
+    dt = _perf_counter() - t0
+    if use_par:
+        plan.t_par = _estimate(plan.t_par, dt)
+    else:
+        plan.t_ser = _estimate(plan.t_ser, dt)
+    if plan.t_par and plan.t_ser:
+        best = plan.t_par <= plan.t_ser
+        if probe:
+            # the probed twin lost: back off further; it won: switch and probe soon again
+            plan.backoff = _PROBE_MIN if best != plan.use_par else min(2 * plan.backoff,
+                                                                         _PROBE_MAX)  # fmt: skip
+            plan.next_probe = t0 + plan.backoff
+        plan.use_par = best
+    return code
 
 
 def _check_weight(weight: Any) -> PackedWeight:
