@@ -175,7 +175,10 @@ def embedding_bag(
         Rows equal to it are skipped (and not counted by the mean).  Negative values count
         from the end, as in torch: ``-1`` is the last row.  Must be in ``[-rows, rows)``.
     out : ndarray of float32 or float16 ``[bags, dim]``, optional
-        Written in place (C-contiguous) and returned; untouched if the call fails.
+        Written in place (C-contiguous) and returned; untouched if the call fails (to
+        guarantee it, the indices are then validated in a pass of their own before anything
+        is written; without ``out`` they are checked as the rows are read, which is faster
+        when the indices are not in the cache).
     out_dtype : float32 or float16, optional
         Output dtype when ``out`` is not given (default float32).  Accumulation is float32
         either way.
@@ -317,6 +320,10 @@ def embedding_bag(
     n = idx.size
     threads = _config.get_num_threads()
     parallel = threads > 1 and bags > 1 and n * max(dim, 16) >= PARALLEL_MIN_WORK
+    # A caller's out must stay untouched by a failing call: validate every index in a pass of
+    # its own first.  Writing to our own buffer, the indices are checked as the rows are read
+    # (one pass over them less; the partial result of a failing call is discarded).
+    prevalidate = res is out
     key = (
         _config.get_isa(),
         kind,
@@ -327,6 +334,7 @@ def embedding_bag(
         weighted,
         specialised_dim(dim),
         parallel,
+        prevalidate,
     )
     kern = embedding_bag_kernel(key)
     if parallel:

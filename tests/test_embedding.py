@@ -203,6 +203,9 @@ def test_parallel_path(rng, monkeypatch):
             with pytest.raises(IndexError, match="out of range"):
                 embedding_bag(table, bad, offsets, out=out)
             assert np.all(out == 7.0)  # nothing written by the failed call
+            bad[3] = -2  # checked inline (no out): still the first bad position is reported
+            with pytest.raises(IndexError, match="index -2 at position 3 "):
+                embedding_bag(table, bad, offsets)
     finally:
         qgemm.set_num_threads(old)
 
@@ -282,9 +285,15 @@ def test_bad_index_2d_position_and_unused_index(small):
     t, _, _ = small
     with pytest.raises(IndexError, match=r"index 9 at position \(1, 0\)"):
         embedding_bag(t, np.array([[0, 1], [9, 2]]))
-    # an index after the final offset belongs to no bag but is still checked
+    # an index after the final offset belongs to no bag but is still checked (both paths)
     with pytest.raises(IndexError, match="index 7 at position 3"):
         embedding_bag(t, np.array([0, 1, 2, 7]), np.array([0, 3]), include_last_offset=True)
+    out = np.zeros((1, 2), np.float32)
+    with pytest.raises(IndexError, match="index 7 at position 3"):
+        embedding_bag(t, np.array([0, 1, 2, 7]), np.array([0, 3]), include_last_offset=True,
+                      out=out)
+    with pytest.raises(IndexError, match="index -1 at position 1"):  # 2nd bad one is later
+        embedding_bag(t, np.array([0, -1, 2, 7]), np.array([0, 3]), include_last_offset=True)
 
 
 @pytest.mark.parametrize(

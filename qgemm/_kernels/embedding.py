@@ -1,7 +1,8 @@
 """Embedding-bag kernels (FBGEMM's ``EmbeddingSpMDM`` family), one per signature.
 
 A kernel is specialised, through :func:`qgemm._cache.kernel_family`, on the key
-``(isa, kind, index dtype, offsets dtype, bags_by, mode, weighted, dim, parallel)``:
+``(isa, kind, index dtype, offsets dtype, bags_by, mode, weighted, dim, parallel,
+prevalidate)``:
 
 ``kind``
     ``"float32"``, ``"float16"`` (a float table, row-major with unit inner stride), or
@@ -24,10 +25,15 @@ A kernel is specialised, through :func:`qgemm._cache.kernel_family`, on the key
     Parallel over bags (``prange``) or serial (small calls, where the cost of waking the
     worker threads is larger than the work).
 
-Every kernel first *validates* (bag boundaries, then the index range with one vectorised
-min/max pass) and only then writes ``out``, so an invalid call returns an error code before
-touching the output or reading any row.  It returns ``(code, position, value)``: code 0 is
-success; the others are listed in :data:`ERRORS` and turned into exceptions by the wrapper.
+Every kernel first *validates* the bag boundaries (offsets or lengths), then, with
+``prevalidate``, the index range in one vectorised min/max pass, and only then writes ``out``:
+an invalid call returns an error code before touching the output or reading any row.  Without
+``prevalidate`` (the wrapper's choice when ``out`` is its own buffer) each index is checked as
+its row is about to be read -- an invalid one is skipped, never read -- and the first invalid
+position is looked up after the loop; this saves a pass over the indices, which costs as
+much as the lookups themselves when the indices are not in the cache.  The kernel returns
+``(code, position, value)``: code 0 is success; the others are listed in :data:`ERRORS` and
+turned into exceptions by the wrapper.
 
 Rows are read straight from the table (the quantized ones are dequantized on the fly, never
 materialised), with the float32/float16 scale and bias fetched by unaligned loads; the row
@@ -62,6 +68,9 @@ KINDS = ("float32", "float16", "rowwise8", "rowwise4", "rowwise2")
 MODES = ("sum", "mean", "max")
 PREFETCH = 16
 """Prefetch distance, in indices (FBGEMM's default)."""
+PREFETCH_TAIL = True
+"""Also prefetch the line holding the row's last byte (a row that does not start on a line
+boundary spans one line more than its size suggests)."""
 PREFETCH_ALL_LINES = True
 """Prefetch one line per 64 bytes of the upcoming row (False: its first line only)."""
 
@@ -421,14 +430,16 @@ def signature(key):
 
 @kernel_family("embedding_bag")
 def embedding_bag_kernel(key):
-    """Key ``(isa, kind, index dtype, offsets dtype, bags_by, mode, weighted, dim, parallel)``;
+    """Key ``(isa, kind, index dtype, offsets dtype, bags_by, mode, weighted, dim, parallel,
+    prevalidate)``;
     see the module docstring.  The ISA is part of the key so that each path gets its own
     compiled copy; the code itself is plain loops that LLVM vectorises for the host."""
-    isa, kind, idx_name, off_name, bags_by, mode, weighted, dim_c, parallel = key
+    isa, kind, idx_name, off_name, bags_by, mode, weighted, dim_c, parallel, prevalidate = key
     if kind not in KINDS or mode not in MODES or bags_by not in ("offsets", "lengths"):
         raise ValueError(f"embedding_bag kernel: bad key {key!r}")
     # Compile-time constants of this kernel (numba freezes closure variables).
     KIND = kind
+    PREVALIDATE = bool(prevalidate)
     BY_LENGTHS = bags_by == "lengths"
     MODE_MEAN = mode == "mean"
     MODE_MAX = mode == "max"
@@ -463,6 +474,7 @@ def embedding_bag_kernel(key):
     PF = PREFETCH
     PF_ALL = PREFETCH_ALL_LINES
     HAS_PF = PF > 0
+    PF_TAIL = PREFETCH_TAIL
     LINE = _CACHE_LINE
     loop = prange if parallel else range
     sig = signature(key)
@@ -509,7 +521,7 @@ def embedding_bag_kernel(key):
                             return (DECREASING_OFFSET, b, np.int64(offs[b]))
                 if np.int64(offs[n_offs - 1]) > n:
                     return (OFFSET_PAST_END, n_offs - 1, np.int64(offs[n_offs - 1]))
-        if n > 0:
+        if PREVALIDATE and n > 0:
             lo = np.int64(indices[0])
             hi = lo
             for i in range(n):
@@ -522,6 +534,7 @@ def embedding_bag_kernel(key):
                     if v < 0 or v >= rows:
                         return (BAD_INDEX, i, v)
         # ---- compute: one bag per iteration ----
+        nbad = 0  # invalid indices met (inline validation only; a reduction over bags)
         for b in loop(bags):
             if BY_LENGTHS:
                 s = starts[b]
@@ -543,10 +556,15 @@ def embedding_bag_kernel(key):
                         kp = np.uint64(min(k + PF, n - 1))
                         pfirst = np.int64(indices[kp]) * row_bytes
                         prefetch(table, pfirst)
-                        if PF_ALL:  # one prefetch per 64 bytes of the row, as FBGEMM
+                        if PF_ALL:  # every line of the row (rows need not be aligned)
                             for c in range(LINE, NEED, LINE):  # constant trip count
                                 prefetch(table, pfirst + c)
+                            if PF_TAIL and NEED > 1:
+                                prefetch(table, pfirst + NEED - 1)
                     r = np.int64(indices[np.uint64(k)])
+                    if not PREVALIDATE and np.uint64(r) >= np.uint64(rows):
+                        nbad += 1  # checked inline; reported (first position) after the loop
+                        continue
                     if r == pad:
                         continue
                     first = cnt == 0
@@ -601,6 +619,9 @@ def embedding_bag_kernel(key):
                         for c in range(LINE, need, LINE):
                             prefetch(table, pfirst + c)
                 r = np.int64(indices[np.uint64(k)])
+                if not PREVALIDATE and np.uint64(r) >= np.uint64(rows):
+                    nbad += 1
+                    continue
                 if r == pad:
                     continue
                 base = r * row_stride
@@ -690,6 +711,17 @@ def embedding_bag_kernel(key):
             elif MODE_MEAN:
                 for j in range(dim):
                     orow[j] *= scale
+        if not PREVALIDATE and not BY_LENGTHS and bags < n_offs:
+            # indices after the final offset belong to no bag; they are checked all the same
+            for i in range(np.int64(offs[bags]), n):
+                v = np.int64(indices[i])
+                if v < 0 or v >= rows:
+                    nbad += 1
+        if not PREVALIDATE and nbad > 0:
+            for i in range(n):
+                v = np.int64(indices[i])
+                if v < 0 or v >= rows:
+                    return (BAD_INDEX, i, v)
         return (OK, 0, 0)
 
     return embedding_bag
