@@ -16,6 +16,7 @@ from .averaging import (
     cyclical_lr,
     train_decentralized,
 )
+from .gemm import PackedWeight, linear, matmul_u8s8, pack_weight, quantized_linear
 from .quantize import (
     QParams,
     RowwiseQuantizedTable,
@@ -43,6 +44,11 @@ __all__ = [
     "qrange",
     "quantize",
     "quantize_rowwise",
+    "PackedWeight",
+    "pack_weight",
+    "linear",
+    "quantized_linear",
+    "matmul_u8s8",
     "average",
     "RunningAverage",
     "cyclical_lr",

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _cache, _config
+from . import _config
 from ._kernels.gemm import gemm_kernel, pack_kernel
 from ._validate import as_array, check_choice, check_finite, check_int, check_out
 from .quantize import QParams, choose_qparams, quantize
@@ -311,11 +311,6 @@ def pack_weight(
 # ------------------------------------------------------------------------------- dispatch
 
 
-# The built kernels of the "gemm" family, read lock-free on the per-call path (a hit then skips
-# the cache's hit counter and its lock: ~0.6 us at M = 1); misses go through the cache.
-_KERNELS = _cache._families["gemm"].kernels
-
-
 def _choose_path(saturate: bool, npw: int) -> tuple[str, str, int, int, int]:
     """(fast variant, exact variant, MR, NV, NR) for the current ISA."""
     isa = _config.get_isa()
@@ -394,11 +389,6 @@ def _estimate(old: float, dt: float) -> float:
     return dt if old == 0.0 or dt < old else 0.5 * (old + dt)
 
 
-def _kernel(key):
-    kern = _KERNELS.get(key)
-    return gemm_kernel(key) if kern is None else kern
-
-
 def _plan(kind: str, m: int, weight: PackedWeight, saturate: bool) -> _Plan:
     """The plan of a call; memoised per weight (the per-call fast path)."""
     isa = _config.get_isa()
@@ -414,8 +404,8 @@ def _plan(kind: str, m: int, weight: PackedWeight, saturate: bool) -> _Plan:
     nchunks = 1
     if parallel and nct < 4 * threads:
         nchunks = -(-4 * threads // max(nct, 1))
-    ser = _kernel((kind, fast, exact, mr, nv, nr, False))
-    par = _kernel((kind, fast, exact, mr, nv, nr, True)) if parallel else None
+    ser = gemm_kernel((kind, fast, exact, mr, nv, nr, False))
+    par = gemm_kernel((kind, fast, exact, mr, nv, nr, True)) if parallel else None
     plan = _Plan(ser, par, nchunks, threads if parallel else 1)
     if len(weight._plans) > 64:
         weight._plans.clear()
