@@ -17,6 +17,8 @@ from .averaging import (
     train_decentralized,
 )
 from .gemm import PackedWeight, linear, matmul_u8s8, pack_weight, quantized_linear
+from .interop import from_torch
+from .models import DLRM
 from .quantize import (
     QParams,
     RowwiseQuantizedTable,
@@ -49,6 +51,8 @@ __all__ = [
     "linear",
     "quantized_linear",
     "matmul_u8s8",
+    "DLRM",
+    "from_torch",
     "average",
     "RunningAverage",
     "cyclical_lr",

@@ -17,6 +17,7 @@ _BENCH_MODULES = {
     "gemm": "qgemm._bench_gemm",
     "embedding": "qgemm._bench_embedding",
     "averaging": "qgemm._bench_averaging",
+    "models": "qgemm._bench_models",
 }
 
 
