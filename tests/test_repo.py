@@ -36,3 +36,14 @@ def test_readme_commands_match_ci():
     assert test_cmd in readme
     assert test_cmd in ci
     assert sys.version_info >= (3, 10)
+
+
+def test_readme_python_examples_run(capsys):
+    import re
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) >= 3
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["y"].shape == (16, 256) and namespace["y8"].dtype.name == "uint8"
