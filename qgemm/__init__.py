@@ -16,6 +16,7 @@ from .averaging import (
     cyclical_lr,
     train_decentralized,
 )
+from .embedding import embedding_bag
 from .gemm import PackedWeight, linear, matmul_u8s8, pack_weight, quantized_linear
 from .interop import from_torch
 from .models import DLRM
@@ -46,6 +47,7 @@ __all__ = [
     "qrange",
     "quantize",
     "quantize_rowwise",
+    "embedding_bag",
     "PackedWeight",
     "pack_weight",
     "linear",
