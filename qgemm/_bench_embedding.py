@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import _config
-from ._benchtools import Table, compare, geomean
+from ._benchtools import Table, compare, geomean, peer_torch
 from .embedding import embedding_bag
 from .quantize import quantize_rowwise
 
@@ -41,13 +41,7 @@ L3_BYTES = 32 << 20
 NAN = float("nan")
 
 
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        return None
-    torch.set_num_threads(_config.get_num_threads())
-    return torch
+_torch = peer_torch
 
 
 def memory_bandwidth(nbytes: int = 512 << 20) -> float:

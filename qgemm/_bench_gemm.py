@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import _config
-from ._benchtools import Table, compare, geomean
+from ._benchtools import Table, compare, geomean, peer_torch
 from .gemm import linear, pack_weight, quantized_linear
 from .quantize import choose_qparams, quantize
 
@@ -52,14 +52,7 @@ QUICK_SHAPES = [(1, 128, 512), (6, 256, 1024), (64, 768, 512), (256, 512, 256)]
 NAN = float("nan")
 
 
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        return None
-    torch.backends.quantized.engine = "fbgemm"
-    torch.set_num_threads(_config.get_num_threads())
-    return torch
+_torch = peer_torch
 
 
 def _ort():

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from . import _config
-from ._benchtools import PAUSE_SECONDS, Table, compare, geomean
+from ._benchtools import PAUSE_SECONDS, Table, compare, geomean, peer_torch
 from .models import DLRM, PARTS
 
 BATCHES = [1, 16, 128, 512]
@@ -43,14 +43,7 @@ QUICK_ROWS = 200_000
 NAN = float("nan")
 
 
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        return None
-    torch.backends.quantized.engine = "fbgemm"
-    torch.set_num_threads(_config.get_num_threads())
-    return torch
+_torch = peer_torch
 
 
 def build(rows: int = ROWS, *, tables: int = 8, dim: int = 64, seed: int = 0

@@ -135,3 +135,17 @@ class Progress:
         if self.done == self.total and self.total > 1:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def peer_torch():
+    """torch set up as the peer (engine ``fbgemm``, qgemm's thread count), or None when it is
+    not installed."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    from . import _config
+
+    torch.backends.quantized.engine = "fbgemm"
+    torch.set_num_threads(_config.get_num_threads())
+    return torch
