@@ -13,6 +13,8 @@ functions below.  Environment variables:
     Directory of Numba's on-disk kernel cache (``NUMBA_CACHE_DIR`` is honoured too).
 ``QGEMM_FASTMATH``
     ``0`` turns off the relaxed floating-point flags used by float reductions.
+``QGEMM_ADAPTIVE_THREADS``
+    ``1`` lets GEMM calls choose between their parallel and serial kernels by timing them.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ def _isa_from_env() -> str:
 
 _state = {
     "isa": _isa_from_env(),
+    "adaptive_threads": os.environ.get("QGEMM_ADAPTIVE_THREADS", "0").strip()
+    not in ("0", "false", "no", ""),
     "fastmath": os.environ.get("QGEMM_FASTMATH", "1").strip() not in ("0", "false", "no"),
 }
 
@@ -128,6 +132,25 @@ def _default_threads() -> int:
             raise ValueError(f"QGEMM_NUM_THREADS: expected an integer, got {env!r}") from None
         return max(1, min(n, numba.config.NUMBA_NUM_THREADS))
     return numba.config.NUMBA_NUM_THREADS
+
+
+def adaptive_threads() -> bool:
+    """Whether parallel-eligible GEMM calls time themselves and fall back to their serial twin
+    when it is faster (``QGEMM_ADAPTIVE_THREADS=1``; off by default).
+
+    Off, a call big enough for threads always runs in parallel: deterministic and best on a
+    machine whose cores are free.  On, it helps when other processes keep a core busy (a
+    fork/join region then waits milliseconds for a descheduled worker); results are
+    bit-identical either way.
+    """
+    return _state["adaptive_threads"]
+
+
+def set_adaptive_threads(on: bool) -> bool:
+    """Turn the adaptive serial/parallel choice on or off; returns the previous setting."""
+    old = _state["adaptive_threads"]
+    _state["adaptive_threads"] = bool(on)
+    return old
 
 
 def get_num_threads() -> int:

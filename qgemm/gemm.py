@@ -355,7 +355,9 @@ def _activation_rows(x: np.ndarray, k: int, kg: int) -> np.ndarray:
 
 class _Plan:
     """How one call shape runs: the kernel(s), the task split and -- when the problem is big
-    enough for threads -- a tiny online choice between the parallel kernel and its serial twin.
+    enough for threads and ``QGEMM_ADAPTIVE_THREADS=1`` (:func:`qgemm._config.adaptive_threads`)
+    -- a tiny online choice between the parallel kernel and its serial twin.  By default a
+    parallel-eligible call always runs the parallel kernel (deterministic).
 
     Both twins give bit-identical results.  Calls of a parallel-eligible plan are timed (two
     ``perf_counter`` reads) and the faster twin so far is used; the other one is re-tried
@@ -425,6 +427,9 @@ def _run(
     )  # fmt: skip
     if plan.par is None:
         return plan.ser(*args, 1, out2)
+    if not _config._state["adaptive_threads"]:
+        _config.sync_threads()
+        return plan.par(*args, plan.threads, out2)
     t0 = _perf_counter()
     probe = t0 >= plan.next_probe or plan.t_ser == 0.0 or plan.t_par == 0.0
     if plan.t_par == 0.0:

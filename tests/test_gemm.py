@@ -666,3 +666,25 @@ def test_cross_check_torch_fbgemm(rng):
         got = linear(x, pw, bias, reduce_range=rr)
         span = float(np.abs(yd).max())
         np.testing.assert_allclose(got, yd, rtol=0, atol=1e-5 * span + 1e-6)
+
+
+def test_adaptive_thread_choice_gives_identical_results(rng):
+    """QGEMM_ADAPTIVE_THREADS (timed choice between the parallel kernel and its serial twin)
+    never changes the numbers: both twins run over many calls and agree bit for bit."""
+    from qgemm import _config
+
+    m, n, k = 200, 300, 256
+    codes = _codes(rng, n, k)
+    pw, _ = _pw_int8(codes, "channel", zp=False, rng=rng)
+    xq = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    xqp = QParams(0.03, 117)
+    oqp = QParams(0.2, 5)
+    expect = quantized_linear(xq, xqp, pw, out_qparams=oqp)
+    old = _config.set_adaptive_threads(True)
+    try:
+        assert _config.adaptive_threads()
+        for _ in range(6):  # first calls measure the parallel twin, then the serial one
+            np.testing.assert_array_equal(quantized_linear(xq, xqp, pw, out_qparams=oqp), expect)
+    finally:
+        _config.set_adaptive_threads(old)
+    assert not _config.adaptive_threads()
