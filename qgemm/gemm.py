@@ -50,11 +50,12 @@ _F32 = (np.dtype(np.float32),)
 _F32_I32 = (np.dtype(np.float32), np.dtype(np.int32))
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _GRANULARITIES = ("tensor", "channel", "group")
-# Problems below this many multiply-adds run on the serial twin of a kernel: a parallel region
-# costs ~3 us to start (Numba's OpenMP layer, 2 cores), about the single-thread time of 2^19
-# multiply-adds at M = 1 (L2-resident weights) -- and a parallel function run on one thread is
-# slower than its serial twin.
-_PARALLEL_MIN_MACS = 1 << 19
+# Problems below this many multiply-adds run on the serial twin of a kernel.  A parallel region
+# costs ~3 us to start on an idle 2-core host, but 10-15 us per call was measured on this VM
+# (worker wake-up), where 6x256x1024 ran 12 us serial vs 24 us parallel and 128^3 17 vs 21 us;
+# from 2^22 (e.g. 1x4096x1024: 67 -> 57 us) the second core pays.  A parallel function run on
+# one thread is also slower than its serial twin.
+_PARALLEL_MIN_MACS = 1 << 22
 _VNNI_TILES = {64: (6, 4), 16: (8, 1)}
 
 

@@ -13,6 +13,7 @@ This is FBGEMM's ``Quantize`` and the rounding of its requantizing output stage
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,9 @@ __all__ = [
 _DTYPES = ("uint8", "int8")
 _SMALL_SCALE_THRESHOLD = np.float32(6.1e-5)  # FBGEMM's QuantUtils.cc
 _BLOCK = 1 << 16  # per-tensor kernels process blocks of this many elements per task
+# Below this many elements (de)quantization runs serially: a parallel region costs more
+# (~10 us measured on a 2-core VM) than the whole pass.
+_PARALLEL_MIN_ELEMS = 1 << 17
 
 
 def qrange(dtype: str = "uint8", reduce_range: bool = False) -> tuple[int, int]:
@@ -155,6 +159,11 @@ class QParams:
     @property
     def qmax(self) -> int:
         return qrange(self.dtype, self.reduce_range)[1]
+
+    @cached_property
+    def _tensor_params(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-tensor ``(scale, zero_point)`` as length-1 arrays, made once (kernel inputs)."""
+        return self.channel_params(1)
 
     def channel_params(self, channels: int) -> tuple[np.ndarray, np.ndarray]:
         """Per-channel ``(scale, zero_point)`` arrays of length ``channels`` (groups and
@@ -361,8 +370,10 @@ def _fbgemm_choose(
 def _segments(shape: tuple[int, ...], qp: QParams) -> tuple[int, int, np.ndarray, np.ndarray]:
     """``(seg_len, channels, scale, zero_point)`` describing ``qp`` over a C-ordered array."""
     if qp.axis is None:
-        n = int(np.prod(shape))
-        return max(1, min(n, _BLOCK)), 1, *qp.channel_params(1)
+        n = 1
+        for d in shape:
+            n *= d
+        return max(1, min(n, _BLOCK)), 1, *qp._tensor_params
     if len(shape) == 0:
         raise ValueError("x: per-channel parameters need at least a 1-D array, got 0-D")
     axis = _normalise_axis(qp.axis, len(shape), "qparams.axis")
@@ -392,8 +403,10 @@ def quantize(x: Any, qparams: QParams) -> np.ndarray:
     if x.size == 0:
         return out
     flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
-    _config.sync_threads()
-    bad = quantize_kernel((qparams.dtype,))(
+    parallel = x.size >= _PARALLEL_MIN_ELEMS and _config.get_num_threads() > 1
+    if parallel:
+        _config.sync_threads()
+    bad = quantize_kernel((qparams.dtype, parallel))(
         flat, scale, zp, seg_len, channels, qparams.qmin, qparams.qmax, out.reshape(-1)
     )
     if bad >= 0:
@@ -419,8 +432,10 @@ def dequantize(q: Any, qparams: QParams) -> np.ndarray:
     out = np.empty(q.shape, dtype=np.float32)
     if q.size == 0:
         return out
-    _config.sync_threads()
-    dequantize_kernel((qparams.dtype,))(
+    parallel = q.size >= _PARALLEL_MIN_ELEMS and _config.get_num_threads() > 1
+    if parallel:
+        _config.sync_threads()
+    dequantize_kernel((qparams.dtype, parallel))(
         np.ascontiguousarray(q).reshape(-1), scale, zp, seg_len, channels, out.reshape(-1)
     )
     return out
