@@ -12,7 +12,10 @@ float32 parameters): the float64 ``acc += w * x`` pass moves 20 bytes per parame
 more accurate and the faster choice.
 
 Parallel kernels split the buffer into chunks of ``CHUNK`` elements and ``prange`` over the
-chunks; small buffers use the serial twin (a parallel launch costs microseconds, which
+chunks, each chunk processed through 0-based views (``acc[lo:hi]``): indexing the whole buffer
+with ``i`` in ``range(lo, hi)`` leaves Numba's negative-index wrap-around in the loop, which
+blocked vectorisation (measured: the 50M-element ``add`` pass 25.8 ms -> 13.3 ms).  Small
+buffers use the serial twin (a parallel launch costs microseconds, which
 dominates for biases and other small tensors).  No fastmath: the operations are elementwise
 (LLVM vectorises them without reassociation), and leaving them strict makes the result
 bit-identical to the numpy reference, which performs the same float64 operations in the same
@@ -109,8 +112,11 @@ def averaging_kernel(key):
             blk = chunk if par else max(n, 1)
             for c in prange((n + blk - 1) // blk):
                 lo = c * blk
-                for i in range(lo, min(lo + blk, n)):
-                    acc[i] = w * np.float64(x[i])
+                hi = min(lo + blk, n)
+                acc_b = acc[lo:hi]
+                x_b = x[lo:hi]
+                for i in range(hi - lo):  # 0-based views vectorise (module doc)
+                    acc_b[i] = w * np.float64(x_b[i])
 
     elif op == "add":
 
@@ -120,8 +126,11 @@ def averaging_kernel(key):
             blk = chunk if par else max(n, 1)
             for c in prange((n + blk - 1) // blk):
                 lo = c * blk
-                for i in range(lo, min(lo + blk, n)):
-                    acc[i] += w * np.float64(x[i])
+                hi = min(lo + blk, n)
+                acc_b = acc[lo:hi]
+                x_b = x[lo:hi]
+                for i in range(hi - lo):  # 0-based views vectorise (module doc)
+                    acc_b[i] += w * np.float64(x_b[i])
 
     elif op == "ema":
 
@@ -131,8 +140,11 @@ def averaging_kernel(key):
             blk = chunk if par else max(n, 1)
             for c in prange((n + blk - 1) // blk):
                 lo = c * blk
-                for i in range(lo, min(lo + blk, n)):
-                    e[i] += alpha * (np.float64(x[i]) - e[i])
+                hi = min(lo + blk, n)
+                e_b = e[lo:hi]
+                x_b = x[lo:hi]
+                for i in range(hi - lo):  # 0-based views vectorise (module doc)
+                    e_b[i] += alpha * (np.float64(x_b[i]) - e_b[i])
 
     elif op == "final":
 
@@ -142,8 +154,11 @@ def averaging_kernel(key):
             blk = chunk if par else max(n, 1)
             for c in prange((n + blk - 1) // blk):
                 lo = c * blk
-                for i in range(lo, min(lo + blk, n)):
-                    out[i] = outcast(acc[i] / total)
+                hi = min(lo + blk, n)
+                acc_b = acc[lo:hi]
+                out_b = out[lo:hi]
+                for i in range(hi - lo):  # 0-based views vectorise (module doc)
+                    out_b[i] = outcast(acc_b[i] / total)
 
     elif op == "copy":
 
@@ -153,8 +168,11 @@ def averaging_kernel(key):
             blk = chunk if par else max(n, 1)
             for c in prange((n + blk - 1) // blk):
                 lo = c * blk
-                for i in range(lo, min(lo + blk, n)):
-                    out[i] = outcast(acc[i])
+                hi = min(lo + blk, n)
+                acc_b = acc[lo:hi]
+                out_b = out[lo:hi]
+                for i in range(hi - lo):  # 0-based views vectorise (module doc)
+                    out_b[i] = outcast(acc_b[i])
 
     elif op == "welford":
 
@@ -165,12 +183,16 @@ def averaging_kernel(key):
             blk = chunk if par else max(n, 1)
             for c in prange((n + blk - 1) // blk):
                 lo = c * blk
-                for i in range(lo, min(lo + blk, n)):
-                    xi = np.float64(x[i])
-                    d = xi - mean[i]
-                    mi = mean[i] + r * d
-                    mean[i] = mi
-                    m2[i] += w * d * (xi - mi)
+                hi = min(lo + blk, n)
+                m2_b = m2[lo:hi]
+                mean_b = mean[lo:hi]
+                x_b = x[lo:hi]
+                for i in range(hi - lo):  # 0-based views vectorise (module doc)
+                    xi = np.float64(x_b[i])
+                    d = xi - mean_b[i]
+                    mi = mean_b[i] + r * d
+                    mean_b[i] = mi
+                    m2_b[i] += w * d * (xi - mi)
 
     elif op == "multi":
         mchunk = MULTI_CHUNK
@@ -222,10 +244,14 @@ def averaging_kernel(key):
             blk = chunk if par else max(n, 1)
             for c in prange((n + blk - 1) // blk):
                 lo = c * blk
-                for i in range(lo, min(lo + blk, n)):
-                    d = np.float64(x[i]) - e[i]
-                    e[i] += alpha * d
-                    v[i] = beta * (v[i] + alpha * d * d)
+                hi = min(lo + blk, n)
+                e_b = e[lo:hi]
+                v_b = v[lo:hi]
+                x_b = x[lo:hi]
+                for i in range(hi - lo):  # 0-based views vectorise (module doc)
+                    d = np.float64(x_b[i]) - e_b[i]
+                    e_b[i] += alpha * d
+                    v_b[i] = beta * (v_b[i] + alpha * d * d)
 
     return kern
 
