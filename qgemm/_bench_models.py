@@ -34,7 +34,7 @@ import numpy as np
 
 from . import _config
 from ._benchtools import PAUSE_SECONDS, Table, compare, geomean, peer_torch
-from .models import DLRM, PARTS
+from .models import DLRM, PARTS, add_part_times
 
 BATCHES = [1, 16, 128, 512]
 QUICK_BATCHES = [1, 128]
@@ -136,10 +136,7 @@ class TorchDLRM:
             t3 = clock()
             p = torch.sigmoid(self._mlp(self.top, r, False))
             t4 = clock()
-        if timings is not None:
-            for part, dt in (("mlp", (t1 - t0) + (t4 - t3)), ("embedding", t2 - t1),
-                             ("interaction", t3 - t2)):
-                timings[part] = timings.get(part, 0.0) + dt
+        add_part_times(timings, t0, t1, t2, t3, t4)
         return p
 
 

@@ -63,6 +63,16 @@ _KEY_RE = re.compile(r"^(?:module\.)?(bot_l|top_l)\.(\d+)\.(weight|bias)$")
 _EMB_RE = re.compile(r"^(?:module\.)?emb_l\.(\d+)\.weight$")
 
 
+def add_part_times(timings: dict | None, t0: float, t1: float, t2: float, t3: float,
+                   t4: float) -> None:
+    """Add one forward's part times to ``timings`` from its five clock readings: bottom MLP
+    ``t0..t1``, embedding ``t1..t2``, interaction ``t2..t3``, top MLP ``t3..t4``."""
+    if timings is not None:
+        for part, dt in (("mlp", (t1 - t0) + (t4 - t3)), ("embedding", t2 - t1),
+                         ("interaction", t3 - t2)):
+            timings[part] = timings.get(part, 0.0) + dt
+
+
 def _is_packed(w: Any) -> bool:
     return isinstance(w, PackedWeight)
 
@@ -703,10 +713,7 @@ class DLRM:
         t3 = clock()
         p = _sigmoid(self._mlp(self.top, z, last_relu=False))
         t4 = clock()
-        if timings is not None:
-            for part, dt in (("mlp", (t1 - t0) + (t4 - t3)), ("embedding", t2 - t1),
-                             ("interaction", t3 - t2)):
-                timings[part] = timings.get(part, 0.0) + dt
+        add_part_times(timings, t0, t1, t2, t3, t4)
         return p
 
     __call__ = predict
