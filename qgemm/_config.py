@@ -6,9 +6,10 @@ functions below.  Environment variables:
 ``QGEMM_NUM_THREADS``
     Default thread count (otherwise all cores Numba sees).
 ``QGEMM_ISA``
-    Force an instruction-set path: ``portable``, ``avx2`` or ``avx512vnni``.  Only paths the
-    host supports can be chosen; asking for more than the CPU has raises at import.
-    (The analogue of FBGEMM's ``FBGEMM_ENABLE_INSTRUCTIONS``.)
+    Force an instruction-set path: ``portable``, ``avx2`` or ``avx512vnni`` (the paths of
+    :data:`qgemm._isa.PATHS`).  Only paths the host supports can be chosen; asking for more
+    than the CPU has raises at import.  (The analogue of FBGEMM's
+    ``FBGEMM_ENABLE_INSTRUCTIONS``.)
 ``QGEMM_CACHE_DIR``
     Directory of Numba's on-disk kernel cache (``NUMBA_CACHE_DIR`` is honoured too).
 ``QGEMM_FASTMATH``
@@ -20,52 +21,40 @@ functions below.  Environment variables:
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from typing import Any
 
 import numba
+
+from . import _isa
+from ._isa import ISA_PATHS, cpu_features, cpu_name
 
 # The on-disk cache location must be settled before any ``cache=True`` kernel is defined.
 _cache_dir_env = os.environ.get("QGEMM_CACHE_DIR")
 if _cache_dir_env:
     os.makedirs(_cache_dir_env, exist_ok=True)
-    numba.config.CACHE_DIR = _cache_dir_env
+    numba.config.CACHE_DIR = _cache_dir_env  # type: ignore[attr-defined]
 
-ISA_PATHS = ("portable", "avx2", "avx512vnni")
-"""Instruction-set paths, from the most portable to the most specialised."""
-
-
-@lru_cache(maxsize=1)
-def cpu_features() -> dict[str, bool]:
-    """Host CPU features as llvmlite reports them (``{"avx2": True, ...}``)."""
-    import llvmlite.binding as llvm
-
-    try:
-        feats = llvm.get_host_cpu_features()
-    except RuntimeError:  # pragma: no cover - llvmlite cannot read features on some hosts
-        return {}
-    return {str(k): bool(v) for k, v in feats.items()}
-
-
-@lru_cache(maxsize=1)
-def cpu_name() -> str:
-    import llvmlite.binding as llvm
-
-    return str(llvm.get_host_cpu_name())
+__all__ = [
+    "ISA_PATHS",
+    "cpu_features",
+    "cpu_name",
+    "supported_isas",
+    "get_isa",
+    "set_isa",
+    "isa_path",
+    "fastmath_flags",
+    "adaptive_threads",
+    "set_adaptive_threads",
+    "get_num_threads",
+    "set_num_threads",
+    "sync_threads",
+    "cache_dir",
+]
 
 
 def supported_isas() -> tuple[str, ...]:
-    """The ISA paths this host can run, most portable first."""
-    import platform
-
-    feats = cpu_features()
-    out = ["portable"]
-    if platform.machine().lower() in ("x86_64", "amd64") and feats.get("avx2") and feats.get(
-        "fma"
-    ):
-        out.append("avx2")
-        if all(feats.get(f) for f in ("avx512f", "avx512bw", "avx512vl", "avx512vnni")):
-            out.append("avx512vnni")
-    return tuple(out)
+    """The ISA paths this host can run, most portable first (see :mod:`qgemm._isa`)."""
+    return _isa.host_paths()
 
 
 def _isa_from_env() -> str:
@@ -83,7 +72,7 @@ def _isa_from_env() -> str:
     return forced
 
 
-_state = {
+_state: dict[str, Any] = {
     "isa": _isa_from_env(),
     "adaptive_threads": os.environ.get("QGEMM_ADAPTIVE_THREADS", "0").strip()
     not in ("0", "false", "no", ""),
@@ -94,6 +83,11 @@ _state = {
 def get_isa() -> str:
     """The instruction-set path kernels are built for (``"portable"``, ``"avx2"``, ...)."""
     return _state["isa"]
+
+
+def isa_path() -> _isa.IsaPath:
+    """The :mod:`qgemm._isa` table row of the current path (microkernel variants, tiles)."""
+    return _isa.path(_state["isa"])
 
 
 def set_isa(isa: str) -> str:
@@ -123,6 +117,11 @@ def fastmath_flags() -> frozenset[str] | bool:
     return frozenset({"reassoc", "contract", "nsz", "arcp"})
 
 
+def _numba_threads() -> int:
+    """Threads Numba started with (``NUMBA_NUM_THREADS``)."""
+    return int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
+
+
 def _default_threads() -> int:
     env = os.environ.get("QGEMM_NUM_THREADS")
     if env:
@@ -130,8 +129,8 @@ def _default_threads() -> int:
             n = int(env)
         except ValueError:
             raise ValueError(f"QGEMM_NUM_THREADS: expected an integer, got {env!r}") from None
-        return max(1, min(n, numba.config.NUMBA_NUM_THREADS))
-    return numba.config.NUMBA_NUM_THREADS
+        return max(1, min(n, _numba_threads()))
+    return _numba_threads()
 
 
 def adaptive_threads() -> bool:
@@ -179,7 +178,7 @@ def set_num_threads(n: int) -> int:
     if isinstance(n, bool) or not isinstance(n, (int,)) and not hasattr(n, "__index__"):
         raise TypeError(f"n: expected an int, got {type(n).__name__}")
     n = int(n)
-    hi = numba.config.NUMBA_NUM_THREADS
+    hi = _numba_threads()
     if not 1 <= n <= hi:
         raise ValueError(f"n: expected 1 <= n <= {hi}, got {n}")
     old = _state["threads"]
@@ -190,8 +189,8 @@ def set_num_threads(n: int) -> int:
 
 def cache_dir() -> str:
     """Directory of Numba's on-disk cache for qgemm's kernels."""
-    if numba.config.CACHE_DIR:
-        return str(numba.config.CACHE_DIR)
+    if numba.config.CACHE_DIR:  # type: ignore[attr-defined]
+        return str(numba.config.CACHE_DIR)  # type: ignore[attr-defined]
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "_kernels", "__pycache__")
 
 

@@ -1,7 +1,8 @@
 """Command line: ``python -m qgemm [main-job options]``, ``python -m qgemm info``,
 ``python -m qgemm bench``.
 
-The main job (no sub-command) is the DLRM-style int8 inference demo of :mod:`qgemm._main_job`.
+The main job (no sub-command) is the DLRM-style int8 inference demo of
+:mod:`qgemm.bench.main_job`; the suites of ``bench`` are listed in :data:`qgemm.bench.SUITES`.
 """
 
 from __future__ import annotations
@@ -13,12 +14,7 @@ import platform
 import sys
 from typing import Any
 
-_BENCH_MODULES = {
-    "gemm": "qgemm._bench_gemm",
-    "embedding": "qgemm._bench_embedding",
-    "averaging": "qgemm._bench_averaging",
-    "models": "qgemm._bench_models",
-}
+from .bench import SUITES
 
 
 def info_dict() -> dict[str, Any]:
@@ -33,10 +29,21 @@ def info_dict() -> dict[str, Any]:
 
     feats = _config.cpu_features()
     interesting = [
-        "sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
-        "avx512vnni", "avxvnni", "neon", "sve",
+        "sse4.2",
+        "avx",
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512vnni",
+        "avxvnni",
+        "neon",
+        "sve",
     ]
     ci = qgemm.cache_info()
+    fastmath = _config.fastmath_flags()
     return {
         "qgemm": qgemm.__version__,
         "python": platform.python_version(),
@@ -49,9 +56,9 @@ def info_dict() -> dict[str, Any]:
         "isa": _config.get_isa(),
         "supported_isas": list(_config.supported_isas()),
         "threads": _config.get_num_threads(),
-        "max_threads": numba.config.NUMBA_NUM_THREADS,
-        "threading_layer": numba.config.THREADING_LAYER,
-        "fastmath": sorted(_config.fastmath_flags() or []),
+        "max_threads": numba.config.NUMBA_NUM_THREADS,  # type: ignore[attr-defined]
+        "threading_layer": numba.config.THREADING_LAYER,  # type: ignore[attr-defined]
+        "fastmath": sorted(fastmath) if isinstance(fastmath, frozenset) else [],
         "cache_dir": _config.cache_dir(),
         "cache_info": {
             "kernels": ci.currsize,
@@ -80,20 +87,19 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import _config
-    from ._benchtools import Progress
+    from .bench._timing import Progress
 
     if args.threads:
         _config.set_num_threads(args.threads)
-    wanted = args.only.split(",") if args.only else list(_BENCH_MODULES)
-    unknown = [w for w in wanted if w not in _BENCH_MODULES]
+    wanted = args.only.split(",") if args.only else list(SUITES)
+    unknown = [w for w in wanted if w not in SUITES]
     if unknown:
-        print(f"--only: unknown suite(s) {unknown}; choose from {list(_BENCH_MODULES)}",
-              file=sys.stderr)
+        print(f"--only: unknown suite(s) {unknown}; choose from {list(SUITES)}", file=sys.stderr)
         return 2
     tables = []
     for name in wanted:
         try:
-            mod = importlib.import_module(_BENCH_MODULES[name])
+            mod = importlib.import_module(SUITES[name])
         except ImportError as exc:  # a suite whose module is absent in this build
             print(f"[bench] skipping {name}: {exc}", file=sys.stderr)
             continue
@@ -102,12 +108,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         progress.close()
     header = info_dict()
     if args.json:
-        doc = {"machine": {k: header[k] for k in ("cpu", "isa", "threads", "numba")},
-               "tables": [t.to_dict() for t in tables]}
+        doc = {
+            "machine": {k: header[k] for k in ("cpu", "isa", "threads", "numba")},
+            "tables": [t.to_dict() for t in tables],
+        }
         print(json.dumps(doc, indent=2, default=float))
     else:
-        print(f"qgemm {header['qgemm']} | {header['cpu']} | isa {header['isa']} | "
-              f"{header['threads']} threads | numba {header['numba']}")
+        print(
+            f"qgemm {header['qgemm']} | {header['cpu']} | isa {header['isa']} | "
+            f"{header['threads']} threads | numba {header['numba']}"
+        )
         for t in tables:
             print()
             print(t.render())
@@ -129,20 +139,26 @@ def _plot(tables, path: str) -> None:
     if not ratio_tables:
         print("--plot: no ratio columns to plot", file=sys.stderr)
         return
-    fig, axes = plt.subplots(len(ratio_tables), 1, figsize=(10, 3.2 * len(ratio_tables)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(ratio_tables), 1, figsize=(10, 3.2 * len(ratio_tables)), squeeze=False
+    )
     for ax, t in zip(axes[:, 0], ratio_tables, strict=True):
         cols = [i for i, c in enumerate(t.columns) if "vs" in c or "×" in c]
         labels = [str(r[0]) for r in t.rows]
         width = 0.8 / max(1, len(cols))
         for j, ci in enumerate(cols):
-            vals = [float(r[ci]) if isinstance(r[ci], (int, float)) else float("nan")
-                    for r in t.rows]
-            ax.bar([i + j * width for i in range(len(labels))], vals, width,
-                   label=t.columns[ci])
+            vals = [
+                float(r[ci]) if isinstance(r[ci], (int, float)) else float("nan") for r in t.rows
+            ]
+            ax.bar([i + j * width for i in range(len(labels))], vals, width, label=t.columns[ci])
         ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, rotation=45,
-                      ha="right", fontsize=7)
+        ax.set_xticks(
+            [i + 0.4 - width / 2 for i in range(len(labels))],
+            labels,
+            rotation=45,
+            ha="right",
+            fontsize=7,
+        )
         ax.set_title(t.title, fontsize=9)
         ax.set_ylabel("speed-up (×)")
         ax.legend(fontsize=7)
@@ -152,7 +168,7 @@ def _plot(tables, path: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import _main_job
+    from .bench import main_job
 
     parser = argparse.ArgumentParser(
         prog="python -m qgemm",
@@ -161,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         "'info' (versions, CPU, ISA path, threads, kernel cache) and 'bench' (side-by-side "
         "benchmarks against numpy, PyTorch/FBGEMM and ONNX Runtime).",
     )
-    _main_job.add_arguments(parser)
+    main_job.add_arguments(parser)
     sub = parser.add_subparsers(dest="command")
     p_info = sub.add_parser("info", help="versions, CPU features, ISA path, threads, cache")
     p_info.add_argument("--json", action="store_true", help="print one JSON document")
@@ -169,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing")
     p_bench.add_argument("--json", action="store_true", help="stdout carries only JSON")
     p_bench.add_argument("--plot", metavar="PNG", help="write a bar chart of the ratios")
-    p_bench.add_argument("--only", metavar="SUITES",
-                         help=f"comma-separated subset of {','.join(_BENCH_MODULES)}")
+    p_bench.add_argument(
+        "--only", metavar="SUITES", help=f"comma-separated subset of {','.join(SUITES)}"
+    )
     p_bench.add_argument("--threads", type=int, help="thread count (default: all cores)")
     p_bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -183,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_info(args)
     if args.command == "bench":
         return _cmd_bench(args)
-    from . import _main_job
+    from .bench import main_job
 
-    return _main_job.run(args)
+    return main_job.run(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

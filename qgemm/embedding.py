@@ -42,9 +42,11 @@ from ._kernels.embedding import (
     LENGTHS_SUM,
     NEGATIVE_LENGTH,
     OFFSET_PAST_END,
+    check_bags_kernel,
     embedding_bag_kernel,
     specialised_dim,
 )
+from ._tuning import EMBEDDING_PARALLEL_MIN_WORK
 from ._validate import as_array, check_choice, check_out
 from .quantize import RowwiseQuantizedTable
 
@@ -56,9 +58,9 @@ _OUT_DTYPES = (np.float32, np.float16)
 _EMPTY_WEIGHTS = np.empty(0, np.float32)
 _EMPTY_OFFSETS = np.empty(0, np.int64)
 
-PARALLEL_MIN_WORK = 1 << 16
-"""Calls touching fewer than this many table elements (indices x dim) run on one thread: the
-cost of waking the worker threads is larger than the work.  Tests lower it."""
+PARALLEL_MIN_WORK = EMBEDDING_PARALLEL_MIN_WORK
+"""Calls touching fewer than this many table elements (indices x dim) run on one thread
+(:data:`qgemm._tuning.EMBEDDING_PARALLEL_MIN_WORK`; read at call time, so tests lower it)."""
 
 
 _U8 = np.dtype(np.uint8)
@@ -120,15 +122,102 @@ def _table_args(table: Any) -> tuple[str, np.ndarray, int, int, int]:
 _INDEX_NAMES = {np.dtype(np.int32): "int32", np.dtype(np.int64): "int64"}
 
 
-def _index_array(name: str, x: Any, ndim: int | tuple[int, ...] = 1) -> np.ndarray:
+# -- bags: the one validator (embedding_bag and qgemm.models.DLRM) ----------------------------
+def index_array(name: str, x: Any, ndim: int | tuple[int, ...] = 1) -> np.ndarray:
+    """``x`` as a C-contiguous int32/int64 array of rank ``ndim`` (indices, offsets, lengths);
+    ``TypeError``/``ValueError`` naming ``name`` otherwise.  No copy of a contiguous array."""
     # Fast path first: this runs on every call, and single-bag latency is mostly overhead.
     if not (
         type(x) is np.ndarray
         and x.dtype in _INDEX_NAMES
-        and (x.ndim == ndim if type(ndim) is int else x.ndim in ndim)
+        and (x.ndim == ndim if isinstance(ndim, int) else x.ndim in ndim)
     ):
         x = as_array(name, x, dtypes=_INDEX_DTYPES, ndim=ndim)
     return x if x.flags.c_contiguous else np.ascontiguousarray(x)
+
+
+def bag_error(
+    code: int,
+    pos: int,
+    val: int,
+    *,
+    rows: int,
+    shape: tuple[int, ...],
+    indices: str = "indices",
+    offsets: str = "offsets",
+) -> Exception:
+    """The exception for a bag kernel's status ``(code, pos, val)`` (codes of
+    :data:`qgemm._kernels.embedding.ERRORS`), naming the arguments ``indices`` / ``offsets``
+    (e.g. ``"indices[2]"`` for a model's third table).  ``shape`` is that of the indices: a
+    position in 2-D (fixed-size) bags is given as ``(bag, j)``."""
+    if code == BAD_INDEX:
+        where = pos if len(shape) == 1 else tuple(int(i) for i in np.unravel_index(pos, shape))
+        return IndexError(
+            f"{indices}: index {val} at position {where} is out of range for a table of "
+            f"{rows} rows (expected 0 <= index < {rows})"
+        )
+    if code == BAD_FIRST_OFFSET:
+        return ValueError(f"{offsets}: {offsets}[0] must be 0 (bags start at index 0), got {val}")
+    if code == DECREASING_OFFSET:
+        return ValueError(
+            f"{offsets}: expected non-decreasing offsets, {offsets}[{pos}] = {val} is smaller "
+            "than the offset before it"
+        )
+    if code == OFFSET_PAST_END:
+        return ValueError(
+            f"{offsets}: {offsets}[{pos}] = {val} is past the end of {indices} "
+            f"({int(np.prod(shape))} indices)"
+        )
+    if code == NEGATIVE_LENGTH:
+        return ValueError(f"lengths: expected non-negative lengths, lengths[{pos}] = {val}")
+    if code == LENGTHS_SUM:
+        return ValueError(
+            f"lengths: expected lengths adding up to the number of indices ({val}), got {pos}"
+        )
+    return RuntimeError(f"embedding_bag: unexpected kernel status {code}")  # pragma: no cover
+
+
+def check_bags(
+    indices: np.ndarray,
+    offsets: np.ndarray | None,
+    rows: int,
+    *,
+    indices_name: str = "indices",
+    offsets_name: str = "offsets",
+) -> None:
+    """Check bags before anything runs, in one pass that reads no table row: ``offsets``
+    (torch's convention; None for 2-D fixed-size ``indices``) start at 0, never decrease and
+    stay within ``indices``, and every index is in ``[0, rows)``.  Both arrays as returned by
+    :func:`index_array`.  Raises what :func:`bag_error` words.
+
+    :func:`embedding_bag` checks the same inside its kernel, as the rows are read; this pass is
+    for callers that must reject a bad bag before any work (:class:`qgemm.models.DLRM` checks
+    every table before its first layer).
+
+    Examples
+    --------
+    >>> check_bags(np.array([0, 4, 2]), np.array([0, 2]), rows=5)
+    >>> check_bags(np.array([0, 5, 2]), np.array([0, 2]), rows=5)
+    Traceback (most recent call last):
+    ...
+    IndexError: indices: index 5 at position 1 is out of range for a table of 5 rows \
+(expected 0 <= index < 5)
+    """
+    flat = indices.reshape(-1)
+    offs = flat[:0] if offsets is None else offsets
+    code, pos, val = check_bags_kernel((_INDEX_NAMES[flat.dtype], _INDEX_NAMES[offs.dtype]))(
+        flat, offs, rows
+    )
+    if code:
+        raise bag_error(
+            code,
+            pos,
+            val,
+            rows=rows,
+            shape=indices.shape,
+            indices=indices_name,
+            offsets=offsets_name,
+        )
 
 
 def embedding_bag(
@@ -222,7 +311,7 @@ def embedding_bag(
         )
 
     # ---- bags ----
-    idx = _index_array("indices", indices, ndim=(1, 2))
+    idx = index_array("indices", indices, ndim=(1, 2))
     ishape = idx.shape
     fixed = idx.ndim == 2
     if fixed:
@@ -240,11 +329,11 @@ def embedding_bag(
     elif lengths is not None:
         if include_last_offset:
             raise ValueError("include_last_offset: only meaningful with offsets, not lengths")
-        offs = _index_array("lengths", lengths)
+        offs = index_array("lengths", lengths)
         bags = offs.size
         by = "lengths"
     elif offsets is not None:
-        offs = _index_array("offsets", offsets)
+        offs = index_array("offsets", offsets)
         by = "offsets"
         if include_last_offset:
             if offs.size == 0:
@@ -265,9 +354,7 @@ def embedding_bag(
                 f"per_sample_weights: only supported with mode='sum' (as in torch), "
                 f"got mode={mode!r}"
             )
-        wts = as_array(
-            "per_sample_weights", per_sample_weights, dtypes=(np.float32, np.float16)
-        )
+        wts = as_array("per_sample_weights", per_sample_weights, dtypes=(np.float32, np.float16))
         if wts.shape != ishape:
             raise ValueError(
                 f"per_sample_weights: expected the shape of indices {ishape}, got {wts.shape}"
@@ -341,37 +428,9 @@ def embedding_bag(
         _config.sync_threads()
     code, pos, val = kern(flat, row_stride, rows, dim, idx, offs, bags, wts, pad, res)
     if code:
-        _raise(code, pos, val, rows=rows, shape=ishape)
+        raise bag_error(code, pos, val, rows=rows, shape=ishape)
     if out is None:
         return res if odt == np.float32 else res.astype(odt)
     if res is not out:
         out[...] = res  # float16 out: rounded once from the float32 result
     return out
-
-
-def _raise(code: int, pos: int, val: int, *, rows: int, shape: tuple[int, ...]) -> None:
-    if code == BAD_INDEX:
-        where = pos if len(shape) == 1 else tuple(int(i) for i in np.unravel_index(pos, shape))
-        raise IndexError(
-            f"indices: index {val} at position {where} is out of range for a table of "
-            f"{rows} rows (expected 0 <= index < {rows})"
-        )
-    if code == BAD_FIRST_OFFSET:
-        raise ValueError(f"offsets: offsets[0] must be 0 (bags start at index 0), got {val}")
-    if code == DECREASING_OFFSET:
-        raise ValueError(
-            f"offsets: expected non-decreasing offsets, offsets[{pos}] = {val} is smaller "
-            "than the offset before it"
-        )
-    if code == OFFSET_PAST_END:
-        raise ValueError(
-            f"offsets: offsets[{pos}] = {val} is past the end of indices "
-            f"({int(np.prod(shape))} indices)"
-        )
-    if code == NEGATIVE_LENGTH:
-        raise ValueError(f"lengths: expected non-negative lengths, lengths[{pos}] = {val}")
-    if code == LENGTHS_SUM:
-        raise ValueError(
-            f"lengths: expected lengths adding up to the number of indices ({val}), got {pos}"
-        )
-    raise RuntimeError(f"embedding_bag: unexpected kernel status {code}")  # pragma: no cover

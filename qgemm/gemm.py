@@ -24,7 +24,14 @@ packed with ``reduce_range=True``), or the activations' maximum times that pair 
 (e.g. 7-bit activations) -- and an exact split path (about 0.6x as fast) otherwise;
 ``saturate=True`` reproduces FBGEMM's AVX2 numbers bit for bit on any CPU.  AVX-512 VNNI's
 ``vpdpbusd`` is exact and is used whenever the CPU has it.  The path is chosen by
-:func:`qgemm.get_isa` (``QGEMM_ISA`` / :func:`qgemm.set_isa`).
+:func:`qgemm.get_isa` (``QGEMM_ISA`` / :func:`qgemm.set_isa`); which microkernel and tile
+each path runs is the table in :mod:`qgemm._isa`.
+
+Layout of the code: :class:`PackedWeight` and :func:`pack_weight` live in
+:mod:`qgemm._packing` (re-exported here); the output stage of a call is one
+:class:`qgemm._kernels.output_stage.OutputStage` value, made by ``_stage`` below (memoised per
+weight) and lowered to the microkernels' operands in one place
+(:func:`qgemm._kernels.output_stage.lower`).
 
 Limits: ``K <= 65793`` for symmetric weights and ``K <= 33025`` with weight zero points (the
 largest ``K`` whose worst-case dot product fits int32); larger ``K`` raises ``ValueError``.
@@ -38,293 +45,26 @@ from typing import Any
 import numpy as np
 
 from . import _config
-from ._kernels.gemm import gemm_kernel, pack_kernel
-from ._validate import as_array, check_choice, check_finite, check_int, check_out
-from .quantize import QParams, choose_qparams, quantize
+from ._kernels.gemm import gemm_kernel
+from ._kernels.output_stage import OutputStage
+from ._packing import PackedWeight, pack_weight
+from ._tuning import GEMM_PARALLEL_MIN_MACS, GEMM_PROBE_MAX, GEMM_PROBE_MIN
+from ._validate import as_array, check_finite, check_out
+from .quantize import QParams
 
 __all__ = ["PackedWeight", "pack_weight", "linear", "quantized_linear", "matmul_u8s8"]
 
 _INT32_MAX = 2**31 - 1
 _INT16_MAX = 32767
-_F32 = (np.dtype(np.float32),)
+_F32: tuple[np.dtype, ...] = (np.dtype(np.float32),)
 _F32_I32 = (np.dtype(np.float32), np.dtype(np.int32))
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-_GRANULARITIES = ("tensor", "channel", "group")
-# Problems below this many multiply-adds run on the serial twin of a kernel.  A parallel region
-# costs ~3 us to start on an idle 2-core host, but 10-15 us per call was measured on this VM
-# (worker wake-up), where 6x256x1024 ran 12 us serial vs 24 us parallel and 128^3 17 vs 21 us;
-# from 2^22 (e.g. 1x4096x1024: 67 -> 57 us) the second core pays.  A parallel function run on
-# one thread is also slower than its serial twin.
-_PARALLEL_MIN_MACS = 1 << 22
-_VNNI_TILES = {64: (6, 4), 16: (8, 1)}
-
-
-def _panel_width(n: int) -> int:
-    """Output columns per packed panel: 64, or 16 for narrow layers (less zero padding)."""
-    return 64 if n > 16 else 16
-
-
-def _aligned_empty(nbytes: int, align: int = 64) -> np.ndarray:
-    """An int8 buffer of ``nbytes`` whose data starts on an ``align``-byte boundary."""
-    raw = np.empty(nbytes + align, np.uint8)
-    off = (-raw.ctypes.data) % align
-    return raw[off : off + nbytes].view(np.int8)
-
-
-class PackedWeight:
-    """Int8 weights ``[N, K]`` packed for :func:`quantized_linear`, :func:`linear` and
-    :func:`matmul_u8s8`; made by :func:`pack_weight`.
-
-    Holds the packed codes (64-byte aligned panels of 64 output columns x groups of 4 ``k``),
-    per-column sums, and per-column scales and zero points (per-tensor and per-group
-    parameters are expanded to one entry per output column).
-
-    Attributes
-    ----------
-    shape : tuple of int
-        ``(N, K)``: output features x input features (``nn.Linear`` convention).
-    qparams : QParams
-        The weight's quantization parameters (int8, per tensor or along axis 0).
-    granularity : {"tensor", "channel", "group"}
-    scale : ndarray of float32, shape (N,)
-        Per-output-column scale.
-    zero_point : ndarray of int32, shape (N,)
-        Per-output-column zero point (all 0 for symmetric weights).
-    """
-
-    __slots__ = (
-        "shape",
-        "qparams",
-        "granularity",
-        "scale",
-        "zero_point",
-        "_packed",
-        "_np",
-        "_kg",
-        "_colc",
-        "_has_bzp",
-        "_pairmax",
-        "_zi",
-        "_zf",
-        "_bscale",
-        "_bzp",
-        "_smax",
-        "_plans",
-        "__weakref__",
-    )
-
-    def __init__(self, codes: np.ndarray, qparams: QParams):
-        n, k = codes.shape
-        self.shape = (int(n), int(k))
-        self.qparams = qparams
-        self.granularity = qparams.granularity
-        scale, zp = qparams.channel_params(n)
-        self._smax = float(scale.max()) if n else 0.0
-        self._bscale = scale  # private, writeable (Numba types read-only arrays apart)
-        self._bzp = zp
-        self.scale = scale.view()
-        self.zero_point = zp.view()
-        self.scale.setflags(write=False)
-        self.zero_point.setflags(write=False)
-        npw = _panel_width(n)
-        kg = -(-k // 4)
-        npan = -(-n // npw) if n else 0
-        packed = _aligned_empty(npan * npw * kg * 4)
-        colsum = np.empty(n, np.int64)
-        if not codes.flags.writeable:  # Numba types read-only arrays apart
-            codes = np.array(codes)
-        self._pairmax = int(pack_kernel(())(codes, npw, packed, colsum))
-        self._packed = packed
-        self._np = npw
-        self._kg = kg
-        colsum -= np.int64(k) * zp.astype(np.int64)
-        self._colc = colsum.astype(np.int32)  # |colsum| <= 256 K: fits int32 within the K limit
-        self._has_bzp = bool(np.any(zp))
-        self._plans: dict = {}
-        self._zi = np.zeros(n, np.int32)
-        self._zf = np.zeros(n, np.float32)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held: packed codes plus the per-column arrays."""
-        return int(
-            self._packed.nbytes
-            + self._colc.nbytes
-            + self.scale.nbytes
-            + self.zero_point.nbytes
-            + self._zi.nbytes
-            + self._zf.nbytes
-        )
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(np.int8)
-
-    def unpack(self) -> np.ndarray:
-        """The int8 codes ``[N, K]`` (a fresh array): the exact inverse of packing.
-
-        Examples
-        --------
-        >>> import numpy as np
-        >>> from qgemm import QParams
-        >>> from qgemm.gemm import pack_weight
-        >>> w = np.arange(-6, 6, dtype=np.int8).reshape(3, 4)
-        >>> pw = pack_weight(w, qparams=QParams(0.1, 0, dtype="int8"))
-        >>> bool(np.array_equal(pw.unpack(), w))
-        True
-        """
-        n, k = self.shape
-        npan = -(-n // self._np) if n else 0
-        p = self._packed.reshape(npan, self._kg, self._np, 4).transpose(0, 2, 1, 3)
-        return np.ascontiguousarray(p.reshape(npan * self._np, self._kg * 4)[:n, :k])
-
-    def dequantize(self) -> np.ndarray:
-        """Float32 weights ``(codes - zero_point) * scale``, shape ``[N, K]``."""
-        codes = self.unpack().astype(np.int32) - self.zero_point[:, None]
-        return codes.astype(np.float32) * self.scale[:, None]
-
-    def __repr__(self) -> str:
-        return (
-            f"PackedWeight(shape={self.shape}, granularity={self.granularity!r}, "
-            f"nbytes={self.nbytes})"
-        )
-
-
-def pack_weight(
-    w: Any,
-    *,
-    qparams: QParams | None = None,
-    granularity: str | None = None,
-    group_size: int | None = None,
-    reduce_range: bool = False,
-) -> PackedWeight:
-    """Quantize (if needed) and pack a weight matrix ``[N, K]`` (out x in) for the GEMM.
-
-    Parameters
-    ----------
-    w : ndarray, float32 or int8, shape (N, K)
-        Float32 weights are quantized here to int8 (symmetric: ``scale = max|w| / 127`` per
-        output channel, exactly ``choose_qparams(w, dtype="int8", symmetric=True, axis=0)``).
-        Int8 weights are taken as codes and need ``qparams``.
-    qparams : QParams, optional
-        Int8 quantization parameters of ``w``: per tensor, or along axis 0 (per output
-        channel, or per group of ``group_size`` output channels).  Required for int8 ``w``;
-        with float ``w`` they are used instead of the symmetric choice.
-    granularity : {"channel", "tensor", "group"}, optional
-        Scale granularity for float ``w`` (default ``"channel"``); taken from ``qparams`` when
-        given (passing a different one is an error).
-    group_size : int, optional
-        Output channels per group for ``granularity="group"`` (must divide ``N``).
-    reduce_range : bool
-        Quantize float weights to 7 bits (``[-63, 63]``, scale ``max|w| / 63``): the AVX2
-        ``vpmaddubsw`` path is then exact with full-range activations.  For int8 ``w`` it only
-        checks that the codes lie in ``[-64, 63]``.
-
-    Returns
-    -------
-    PackedWeight
-
-    Notes
-    -----
-    Packing is one pass of numpy copies (about 0.1 ms for 1024 x 1024).  The weight is
-    validated here so that the GEMM calls need not: ``K`` must keep the worst-case dot product
-    within int32 (``K <= 65793`` symmetric, ``K <= 33025`` with zero points).
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from qgemm.gemm import pack_weight
-    >>> w = np.array([[0.5, -1.0], [0.25, 0.125]], np.float32)
-    >>> pw = pack_weight(w)
-    >>> pw.shape, pw.granularity
-    ((2, 2), 'channel')
-    >>> pw.unpack()
-    array([[  64, -127],
-           [ 127,   64]], dtype=int8)
-    """
-    w = as_array("w", w, dtypes=(np.float32, np.int8), ndim=2)
-    if qparams is not None and not isinstance(qparams, QParams):
-        raise TypeError(f"qparams: expected QParams or None, got {type(qparams).__name__}")
-    if not isinstance(reduce_range, (bool, np.bool_)):
-        raise TypeError(f"reduce_range: expected a bool, got {type(reduce_range).__name__}")
-    if granularity is not None:
-        check_choice("granularity", granularity, _GRANULARITIES)
-    n, k = w.shape
-    if qparams is None:
-        if w.dtype == np.int8:
-            raise ValueError(
-                "qparams: int8 weights need their quantization parameters, got None "
-                "(pass qparams=QParams(scale, zero_point, dtype='int8', ...))"
-            )
-        gran = granularity or "channel"
-        if gran == "group":
-            if group_size is None:
-                raise ValueError("group_size: granularity='group' needs a group_size, got None")
-            group_size = check_int("group_size", group_size, minimum=1)
-        elif group_size is not None:
-            raise ValueError(
-                f"group_size: only used with granularity='group', got {group_size!r} with "
-                f"granularity={gran!r}"
-            )
-        check_finite("w", w)
-        qparams = choose_qparams(
-            w,
-            dtype="int8",
-            symmetric=True,
-            axis=None if gran == "tensor" else 0,
-            group_size=group_size if gran == "group" else None,
-            reduce_range=bool(reduce_range),
-        )
-    else:
-        if qparams.dtype != "int8":
-            raise ValueError(f"qparams: expected int8 parameters, got dtype={qparams.dtype!r}")
-        if qparams.axis not in (None, 0):
-            raise ValueError(
-                f"qparams: expected per-tensor parameters or axis=0 (output channels), "
-                f"got axis={qparams.axis}"
-            )
-        if granularity is not None and granularity != qparams.granularity:
-            raise ValueError(
-                f"granularity: qparams are {qparams.granularity!r}, got {granularity!r}"
-            )
-        if group_size is not None and group_size != qparams.group_size:
-            raise ValueError(
-                f"group_size: qparams have group_size={qparams.group_size}, got {group_size!r}"
-            )
-        qparams.channel_params(n)  # raises ValueError on a length mismatch
-        if w.dtype == np.float32:
-            check_finite("w", w)
-    codes = quantize(w, qparams) if w.dtype == np.float32 else w
-    has_zp = bool(np.any(np.asarray(qparams.zero_point)))
-    kmax = _INT32_MAX // (255 * (255 if has_zp else 128))
-    if k > kmax:
-        raise ValueError(
-            f"w: K = {k} is too large for exact int32 accumulation (at most {kmax} "
-            f"{'with' if has_zp else 'without'} weight zero points)"
-        )
-    if reduce_range and codes.size and (codes.min() < -64 or codes.max() > 63):
-        raise ValueError(
-            f"w: reduce_range=True expects codes in [-64, 63], got [{codes.min()}, {codes.max()}]"
-        )
-    return PackedWeight(codes, qparams)
+_U8: np.dtype = np.dtype(np.uint8)
+_ONE = np.float32(1.0)
+_ZERO = np.int32(0)
 
 
 # ------------------------------------------------------------------------------- dispatch
-
-
-def _choose_path(saturate: bool, npw: int) -> tuple[str, str, int, int, int]:
-    """(fast variant, exact variant, MR, NV, NR) for the current ISA."""
-    isa = _config.get_isa()
-    if saturate:
-        if isa == "portable":
-            return "portables", "portables", 4, npw // 16, npw
-        return "avx2s", "avx2s", 4, 2, 16
-    if isa == "avx512vnni":
-        mr, nv = _VNNI_TILES[npw]
-        return "vnni", "vnni", mr, nv, 16 * nv
-    if isa == "avx2":
-        return "avx2", "avx2x", 4, 2, 16
-    return "portable", "portable", 4, npw // 16, npw
 
 
 def _rows(x: np.ndarray, k: int) -> np.ndarray:
@@ -380,11 +120,7 @@ class _Plan:
         self.t_par = 0.0
         self.use_par = True
         self.next_probe = 0.0
-        self.backoff = _PROBE_MIN
-
-
-_PROBE_MIN = 0.25
-_PROBE_MAX = 8.0
+        self.backoff = GEMM_PROBE_MIN
 
 
 def _estimate(old: float, dt: float) -> float:
@@ -401,9 +137,10 @@ def _plan(kind: str, m: int, weight: PackedWeight, saturate: bool) -> _Plan:
     if plan is not None:
         return plan
     n, k = weight.shape
-    fast, exact, mr, nv, nr = _choose_path(saturate, weight._np)
+    fast, exact, tile = _config.isa_path().tile(saturate, weight._np)
+    mr, nv, nr = tile.mr, tile.nv, tile.nr
     nct = -(-n // nr)
-    parallel = threads > 1 and m * n * k >= _PARALLEL_MIN_MACS and (nct > 1 or m > mr)
+    parallel = threads > 1 and m * n * k >= GEMM_PARALLEL_MIN_MACS and (nct > 1 or m > mr)
     nchunks = 1
     if parallel and nct < 4 * threads:
         nchunks = -(-4 * threads // max(nct, 1))
@@ -416,16 +153,78 @@ def _plan(kind: str, m: int, weight: PackedWeight, saturate: bool) -> _Plan:
     return plan
 
 
+def _stage(
+    weight: PackedWeight,
+    kind: str,
+    x_qparams: QParams | None = None,
+    out_qparams: QParams | None = None,
+    bias: np.ndarray | None = None,
+    relu: bool = False,
+    x_qmax: int = 255,
+) -> OutputStage:
+    """The output stage of one call: the weight half made at pack time, the call half here.
+
+    Memoised per weight on the identity of the call's inputs (the hot path of a layer called
+    again and again is a few ``is`` tests): ``QParams`` are immutable, and the bias array is
+    referenced, not copied -- the kernels read its current values on every call.
+    """
+    memo = weight._stage_memo
+    if (
+        memo is not None
+        and memo[0] is bias
+        and memo[1] is x_qparams
+        and memo[2] is out_qparams
+        and memo[3] is relu
+        and memo[4] == x_qmax
+        and memo[5] == kind
+    ):
+        return memo[6]
+    x_zp, x_scale = (_ZERO, _ONE) if x_qparams is None else (x_qparams.zero_point, x_qparams.scale)
+    if out_qparams is None:
+        o_scale, o_zp, o_qmax = _ONE, _ZERO, 255
+    else:
+        o_scale, o_zp = out_qparams.scale, out_qparams.zero_point
+        o_qmax = 127 if out_qparams.reduce_range else 255
+        if float(x_scale) * weight._smax / float(o_scale) > _FLOAT32_MAX:
+            raise ValueError(
+                "out_qparams: x_scale * w_scale / out_scale overflows float32; "
+                f"got out scale {float(o_scale)}"
+            )
+    int_bias = bias is not None and bias.dtype == np.int32
+    ib = bias if int_bias and bias is not None else weight._zi
+    fb = weight._zf if bias is None or int_bias else bias
+    stage = OutputStage(
+        weight._w_zp,
+        weight._has_bzp,
+        weight._colc,
+        weight._w_scale,
+        x_zp,
+        x_scale,
+        x_qmax,
+        ib,
+        fb,
+        relu,
+        o_scale,
+        o_zp,
+        o_qmax,
+    )
+    weight._stage_memo = (bias, x_qparams, out_qparams, relu, x_qmax, kind, stage)
+    return stage
+
+
 def _run(
-    kind, a2, m, weight, saturate, a_zp, a_scale, ibias, fbias, c_scale, c_zp, relu, qmax, out2
-):
+    kind: str,
+    a2: np.ndarray,
+    m: int,
+    weight: PackedWeight,
+    saturate: bool,
+    stage: OutputStage,
+    out2: np.ndarray,
+) -> int:
     plan = _plan(kind, m, weight, saturate)
     n, k = weight.shape
-    args = (
-        a2, m, k, weight._kg, weight._packed, n, weight._np, weight._colc, weight._bzp,
-        weight._has_bzp, a_zp, a_scale, weight._bscale, ibias, fbias, c_scale, c_zp, relu,
-        weight._pairmax, qmax, plan.nchunks,
-    )  # fmt: skip
+    args = (a2, m, k, weight._kg, weight._packed, n, weight._np, weight._pairmax, *stage,
+            plan.nchunks)  # fmt: skip
     if plan.par is None:
         return plan.ser(*args, 1, out2)
     if not _config._state["adaptive_threads"]:
@@ -453,8 +252,9 @@ def _run(
         best = plan.t_par <= plan.t_ser
         if probe:
             # the probed twin lost: back off further; it won: switch and probe soon again
-            plan.backoff = _PROBE_MIN if best != plan.use_par else min(2 * plan.backoff,
-                                                                         _PROBE_MAX)  # fmt: skip
+            plan.backoff = (
+                GEMM_PROBE_MIN if best != plan.use_par else min(2 * plan.backoff, GEMM_PROBE_MAX)
+            )
             plan.next_probe = t0 + plan.backoff
         plan.use_par = best
     return code
@@ -577,7 +377,6 @@ def quantized_linear(
     relu = _check_bool("relu", relu)
     saturate = _check_bool("saturate", saturate)
     bias = _check_bias(bias, n, _F32_I32)
-    a_scale = x_qparams.scale
     if out_qparams is not None:
         if not isinstance(out_qparams, QParams):
             raise TypeError(
@@ -587,47 +386,19 @@ def quantized_linear(
             raise ValueError(
                 f"out_qparams: expected per-tensor uint8 parameters, got {out_qparams!r}"
             )
-        kind, odt = "requant", np.uint8
-        c_scale, c_zp = out_qparams.scale, out_qparams.zero_point
-        qmax = 127 if out_qparams.reduce_range else 255
-        if float(a_scale) * weight._smax / float(c_scale) > _FLOAT32_MAX:
-            raise ValueError(
-                "out_qparams: x_scale * w_scale / out_scale overflows float32; "
-                f"got out scale {float(c_scale)}"
-            )
+        kind, odt = "requant", _U8
     else:
-        kind, odt = "float", np.float32
-        c_scale, c_zp, qmax = np.float32(1.0), np.int32(0), 255
+        kind, odt = "float", _F32[0]
+    stage = _stage(weight, kind, x_qparams, out_qparams, bias, relu)
     out = _output(out, x_q.shape[:-1] + (n,), odt)
-    if bias is None:
-        ibias, fbias = weight._zi, weight._zf
-    elif bias.dtype == np.int32:
-        ibias, fbias = bias, weight._zf
-    else:
-        ibias, fbias = weight._zi, bias
     a2 = _activation_rows(x_q, k, weight._kg)
     m = a2.shape[0]
     tmp = out if out.size == 0 or m == 0 else out.reshape(m, n)
     if m == 0 or n == 0:
-        if bias is not None and fbias is bias:
+        if bias is not None and bias.dtype == np.float32:
             check_finite("bias", bias)
         return out
-    code = _run(
-        kind,
-        a2,
-        m,
-        weight,
-        saturate,
-        x_qparams.zero_point,
-        a_scale,
-        ibias,
-        fbias,
-        c_scale,
-        c_zp,
-        relu,
-        qmax,
-        tmp,
-    )
+    code = _run(kind, a2, m, weight, saturate, stage, tmp)
     if code != -1:
         _raise_bias(code)
     return out
@@ -689,12 +460,11 @@ def linear(
     saturate = _check_bool("saturate", saturate)
     if reduce_range is None:
         reduce_range = (
-            not saturate and _config.get_isa() == "avx2" and weight._pairmax * 255 > _INT16_MAX
+            not saturate and _config.isa_path().int16_pairs and weight._pairmax * 255 > _INT16_MAX
         )
     else:
         reduce_range = _check_bool("reduce_range", reduce_range)
     bias = _check_bias(bias, n, _F32)
-    fbias = weight._zf if bias is None else bias
     out = _output(out, x.shape[:-1] + (n,), np.float32)
     x2 = _rows(x, k)
     if not (x2.flags.c_contiguous and x2.flags.writeable):
@@ -705,23 +475,8 @@ def linear(
         if bias is not None:
             check_finite("bias", bias)
         return out
-    qmax = 127 if reduce_range else 255
-    code = _run(
-        "dynamic",
-        x2,
-        m,
-        weight,
-        saturate,
-        np.int32(0),
-        np.float32(1.0),
-        weight._zi,
-        fbias,
-        np.float32(1.0),
-        np.int32(0),
-        relu,
-        qmax,
-        out.reshape(m, n),
-    )
+    stage = _stage(weight, "dynamic", bias=bias, relu=relu, x_qmax=127 if reduce_range else 255)
+    code = _run("dynamic", x2, m, weight, saturate, stage, out.reshape(m, n))
     if code >= 0:
         pos = np.unravel_index(code, x.shape)
         pos_s = int(pos[0]) if len(pos) == 1 else tuple(int(i) for i in pos)
@@ -731,7 +486,9 @@ def linear(
     return out
 
 
-def matmul_u8s8(a: Any, b: Any, *, saturate: bool = False, out: np.ndarray | None = None):
+def matmul_u8s8(
+    a: Any, b: Any, *, saturate: bool = False, out: np.ndarray | None = None
+) -> np.ndarray:
     """Raw int32 product of uint8 ``a [M, K]`` and int8 weights.
 
     ``b`` is either a plain int8 ``[K, N]`` matrix (numpy orientation: ``a @ b``; packed on
@@ -783,20 +540,5 @@ def matmul_u8s8(a: Any, b: Any, *, saturate: bool = False, out: np.ndarray | Non
     if m == 0 or n == 0:
         return out
     a2 = _activation_rows(a, k, weight._kg)
-    _run(
-        "raw",
-        a2,
-        m,
-        weight,
-        saturate,
-        np.int32(0),
-        np.float32(1.0),
-        weight._zi,
-        weight._zf,
-        np.float32(1.0),
-        np.int32(0),
-        False,
-        255,
-        out,
-    )
+    _run("raw", a2, m, weight, saturate, _stage(weight, "raw"), out)
     return out

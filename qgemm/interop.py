@@ -30,6 +30,7 @@ a facebookresearch/dlrm ``DLRM_Net``         the float :class:`qgemm.models.DLRM
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -54,13 +55,14 @@ class Linear:
 
     __slots__ = ("weight", "bias", "output_qparams")
 
-    def __init__(self, weight: Any, bias: np.ndarray | None = None,
-                 output_qparams: QParams | None = None):
+    def __init__(
+        self, weight: Any, bias: np.ndarray | None = None, output_qparams: QParams | None = None
+    ):
         self.weight = weight
         self.bias = bias
         self.output_qparams = output_qparams
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         yield self.weight
         yield self.bias
 
@@ -69,17 +71,31 @@ class Linear:
         """``(out_features, in_features)``."""
         return tuple(self.weight.shape)
 
-    def __call__(self, x: Any, x_qparams: QParams | None = None, *, relu: bool = False,
-                 out: np.ndarray | None = None) -> np.ndarray:
+    def __call__(
+        self,
+        x: Any,
+        x_qparams: QParams | None = None,
+        *,
+        relu: bool = False,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
         if x_qparams is None:
             return linear(x, self.weight, self.bias, relu=relu, out=out)
-        return quantized_linear(x, x_qparams, self.weight, self.bias, relu=relu,
-                                out_qparams=self.output_qparams, out=out)
+        return quantized_linear(
+            x,
+            x_qparams,
+            self.weight,
+            self.bias,
+            relu=relu,
+            out_qparams=self.output_qparams,
+            out=out,
+        )
 
     def __repr__(self) -> str:
         extra = "" if self.output_qparams is None else f", output_qparams={self.output_qparams}"
-        return (f"Linear(out={self.shape[0]}, in={self.shape[1]}, bias={self.bias is not None}"
-                f"{extra})")
+        return (
+            f"Linear(out={self.shape[0]}, in={self.shape[1]}, bias={self.bias is not None}{extra})"
+        )
 
 
 class EmbeddingBag:
@@ -91,8 +107,13 @@ class EmbeddingBag:
 
     __slots__ = ("table", "mode", "padding_idx", "include_last_offset")
 
-    def __init__(self, table: Any, mode: str = "sum", padding_idx: int | None = None,
-                 include_last_offset: bool = False):
+    def __init__(
+        self,
+        table: Any,
+        mode: str = "sum",
+        padding_idx: int | None = None,
+        include_last_offset: bool = False,
+    ):
         self.table = table
         self.mode = check_choice("mode", mode, ("sum", "mean", "max"))
         self.padding_idx = padding_idx
@@ -103,18 +124,32 @@ class EmbeddingBag:
         """``(rows, dim)``."""
         return tuple(self.table.shape)
 
-    def __call__(self, indices: Any, offsets: Any = None, per_sample_weights: Any = None, *,
-                 out: np.ndarray | None = None) -> np.ndarray:
-        return embedding_bag(self.table, indices, offsets, mode=self.mode,
-                             per_sample_weights=per_sample_weights,
-                             include_last_offset=self.include_last_offset,
-                             padding_idx=self.padding_idx, out=out)
+    def __call__(
+        self,
+        indices: Any,
+        offsets: Any = None,
+        per_sample_weights: Any = None,
+        *,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        return embedding_bag(
+            self.table,
+            indices,
+            offsets,
+            mode=self.mode,
+            per_sample_weights=per_sample_weights,
+            include_last_offset=self.include_last_offset,
+            padding_idx=self.padding_idx,
+            out=out,
+        )
 
     def __repr__(self) -> str:
-        kind = (f"{self.table.bits}-bit" if isinstance(self.table, RowwiseQuantizedTable)
-                else "float32")
-        return (f"EmbeddingBag(rows={self.shape[0]}, dim={self.shape[1]}, {kind}, "
-                f"mode={self.mode!r})")
+        kind = (
+            f"{self.table.bits}-bit" if isinstance(self.table, RowwiseQuantizedTable) else "float32"
+        )
+        return (
+            f"EmbeddingBag(rows={self.shape[0]}, dim={self.shape[1]}, {kind}, mode={self.mode!r})"
+        )
 
 
 def _np(t: Any) -> np.ndarray:
@@ -129,11 +164,16 @@ def _qparams_of(qw: Any, torch: Any, *, dtype: str) -> QParams:
     if scheme in (torch.per_channel_affine, torch.per_channel_symmetric):
         axis = int(qw.q_per_channel_axis())
         if axis != 0:
-            raise ValueError(f"module: expected per-channel weight scales along the output "
-                             f"axis 0, got axis {axis}")
-        return QParams(_np(qw.q_per_channel_scales()).astype(np.float32),
-                       _np(qw.q_per_channel_zero_points()).astype(np.int32),
-                       dtype=dtype, axis=0)
+            raise ValueError(
+                f"module: expected per-channel weight scales along the output "
+                f"axis 0, got axis {axis}"
+            )
+        return QParams(
+            _np(qw.q_per_channel_scales()).astype(np.float32),
+            _np(qw.q_per_channel_zero_points()).astype(np.int32),
+            dtype=dtype,
+            axis=0,
+        )
     raise ValueError(f"module: unsupported weight quantization scheme {scheme}")
 
 
@@ -154,8 +194,9 @@ def _linear_from_quantized(module: Any, torch: Any, static: bool) -> Linear:
 def _embedding_from_quantized(module: Any, torch: Any) -> EmbeddingBag:
     qw = module.weight()
     if qw.qscheme() != torch.per_channel_affine_float_qparams:
-        raise ValueError(f"module: expected per_channel_affine_float_qparams weights, got "
-                         f"{qw.qscheme()}")
+        raise ValueError(
+            f"module: expected per_channel_affine_float_qparams weights, got {qw.qscheme()}"
+        )
     bits = {torch.quint8: 8, torch.quint4x2: 4, torch.quint2x4: 2}.get(qw.dtype)
     if bits is None:
         raise TypeError(f"module: unsupported quantized table dtype {qw.dtype}")
@@ -171,12 +212,21 @@ def _embedding_from_quantized(module: Any, torch: Any) -> EmbeddingBag:
     fused = np.concatenate([codes, params.view(np.uint8).reshape(rows, -1)], axis=1)
     table = RowwiseQuantizedTable.from_fused(fused, bits=bits, dim=dim)
     mode = getattr(module, "mode", "sum")
-    return EmbeddingBag(table, mode=mode, padding_idx=getattr(module, "padding_idx", None),
-                        include_last_offset=getattr(module, "include_last_offset", False))
+    return EmbeddingBag(
+        table,
+        mode=mode,
+        padding_idx=getattr(module, "padding_idx", None),
+        include_last_offset=getattr(module, "include_last_offset", False),
+    )
 
 
-def from_torch(module: Any, *, bits: int | None = None, granularity: str = "channel",
-               reduce_range: bool = False) -> Any:
+def from_torch(
+    module: Any,
+    *,
+    bits: int | None = None,
+    granularity: str = "channel",
+    reduce_range: bool = False,
+) -> Any:
     """qgemm's object for a torch module (see the module docstring for the table).
 
     Parameters
@@ -226,24 +276,33 @@ def from_torch(module: Any, *, bits: int | None = None, granularity: str = "chan
         return _embedding_from_quantized(module, torch)
     if isinstance(module, torch.nn.Linear):
         w = np.ascontiguousarray(_np(module.weight), dtype=np.float32)
-        b = None if module.bias is None else np.ascontiguousarray(_np(module.bias),
-                                                                   dtype=np.float32)
+        b = (
+            None
+            if module.bias is None
+            else np.ascontiguousarray(_np(module.bias), dtype=np.float32)
+        )
         return Linear(pack_weight(w, granularity=granularity, reduce_range=reduce_range), b)
     if isinstance(module, torch.nn.EmbeddingBag):
         if module.max_norm is not None:
-            raise ValueError("module: EmbeddingBag with max_norm renormalises rows on lookup; "
-                             "not supported")
-        table = np.ascontiguousarray(_np(module.weight), dtype=np.float32)
+            raise ValueError(
+                "module: EmbeddingBag with max_norm renormalises rows on lookup; not supported"
+            )
+        table: Any = np.ascontiguousarray(_np(module.weight), dtype=np.float32)
         if bits is not None:
             table = quantize_rowwise(table, bits=bits)
-        return EmbeddingBag(table, mode=module.mode, padding_idx=module.padding_idx,
-                            include_last_offset=module.include_last_offset)
+        return EmbeddingBag(
+            table,
+            mode=module.mode,
+            padding_idx=module.padding_idx,
+            include_last_offset=module.include_last_offset,
+        )
     if all(hasattr(module, a) for a in ("emb_l", "bot_l", "top_l")):
         from .models import DLRM
 
         itself = getattr(module, "arch_interaction_itself", None)
-        return DLRM.from_state_dict(module.state_dict(),
-                                    self_interaction=None if itself is None else bool(itself))
+        return DLRM.from_state_dict(
+            module.state_dict(), self_interaction=None if itself is None else bool(itself)
+        )
     raise TypeError(
         f"module: unsupported module type {type(module).__name__}; expected nn.Linear, "
         f"nn.EmbeddingBag, torch.ao.nn.quantized(.dynamic).Linear, "

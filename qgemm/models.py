@@ -30,7 +30,6 @@ matmuls, fancy-index gathers with ``np.add.reduceat``, ``np.matmul`` interaction
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,16 +37,16 @@ from typing import Any
 import numpy as np
 
 from . import _config
-from ._kernels.dlrm import (
-    BAGS_BAD_FIRST_OFFSET,
-    BAGS_BAD_INDEX,
-    BAGS_DECREASING_OFFSET,
-    PARALLEL_MIN_MACS,
-    check_bags_kernel,
-    interaction_kernel,
+from ._kernels.dlrm import PARALLEL_MIN_MACS, interaction_kernel
+from ._model_build import (
+    parse_state_dict,
+    random_batch,
+    random_parts,
+    random_table,
+    to_state_dict,
 )
 from ._validate import as_array, check_choice, check_finite, check_int
-from .embedding import embedding_bag
+from .embedding import check_bags, embedding_bag, index_array
 from .gemm import PackedWeight, linear, pack_weight
 from .quantize import RowwiseQuantizedTable, quantize_rowwise
 
@@ -56,39 +55,25 @@ __all__ = ["DLRM", "PARTS", "random_table"]
 PARTS = ("embedding", "mlp", "interaction")
 """The parts ``predict(..., timings=...)`` reports."""
 
-_INDEX_DTYPES = (np.int32, np.int64)
-_INDEX_NAMES = {np.dtype(np.int32): "int32", np.dtype(np.int64): "int64"}
 _ENGINES = ("numpy", "qgemm")
-_KEY_RE = re.compile(r"^(?:module\.)?(bot_l|top_l)\.(\d+)\.(weight|bias)$")
-_EMB_RE = re.compile(r"^(?:module\.)?emb_l\.(\d+)\.weight$")
 
 
-def add_part_times(timings: dict | None, t0: float, t1: float, t2: float, t3: float,
-                   t4: float) -> None:
+def add_part_times(
+    timings: dict | None, t0: float, t1: float, t2: float, t3: float, t4: float
+) -> None:
     """Add one forward's part times to ``timings`` from its five clock readings: bottom MLP
     ``t0..t1``, embedding ``t1..t2``, interaction ``t2..t3``, top MLP ``t3..t4``."""
     if timings is not None:
-        for part, dt in (("mlp", (t1 - t0) + (t4 - t3)), ("embedding", t2 - t1),
-                         ("interaction", t3 - t2)):
+        for part, dt in (
+            ("mlp", (t1 - t0) + (t4 - t3)),
+            ("embedding", t2 - t1),
+            ("interaction", t3 - t2),
+        ):
             timings[part] = timings.get(part, 0.0) + dt
 
 
 def _is_packed(w: Any) -> bool:
     return isinstance(w, PackedWeight)
-
-
-def _to_numpy(name: str, v: Any) -> np.ndarray:
-    """An array from a numpy array, a list, or a torch tensor (duck-typed: torch is never
-    imported here), cast to float32."""
-    if hasattr(v, "detach") and hasattr(v, "cpu") and not isinstance(v, np.ndarray):
-        v = v.detach().cpu()
-        if hasattr(v, "is_quantized") and v.is_quantized:
-            raise TypeError(f"{name}: expected a float tensor, got a quantized tensor")
-        v = v.float().numpy()
-    a = as_array(name, v)
-    if a.dtype.kind != "f":
-        raise TypeError(f"{name}: expected a floating-point array, got dtype {a.dtype.name}")
-    return np.ascontiguousarray(a, dtype=np.float32)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -108,9 +93,8 @@ def _interaction_pairs(n: int, self_interaction: bool) -> tuple[np.ndarray, np.n
     return li, lj
 
 
-def _numpy_bag_sum(table: np.ndarray, idx: np.ndarray, off: np.ndarray | None,
-                   out: np.ndarray) -> None:
-    """Plain numpy sum-pooled embedding bag (the float32 baseline)."""
+def _numpy_bag_sum(table: Any, idx: np.ndarray, off: np.ndarray | None, out: np.ndarray) -> None:
+    """Plain numpy sum-pooled embedding bag (the float32 baseline) of a float32 ``table``."""
     if off is None:  # fixed-size bags, idx [B, L]
         if idx.shape[1] == 0:
             out[...] = 0.0
@@ -129,19 +113,6 @@ def _numpy_bag_sum(table: np.ndarray, idx: np.ndarray, off: np.ndarray | None,
     else:  # reduceat returns rows[start] for an empty segment: skip those bags
         out[nonempty] = np.add.reduceat(rows, off[nonempty], axis=0)
         out[~nonempty] = 0.0
-
-
-def _raise_bags(k: int, code: int, pos: int, val: int, rows: int, n: int) -> None:
-    if code == BAGS_BAD_INDEX:
-        raise IndexError(f"indices[{k}]: index {val} at position {pos} is out of range for a "
-                         f"table of {rows} rows")
-    if code == BAGS_BAD_FIRST_OFFSET:
-        raise ValueError(f"offsets[{k}]: expected offsets[0] == 0, got {val}")
-    if code == BAGS_DECREASING_OFFSET:
-        raise ValueError(f"offsets[{k}]: expected non-decreasing offsets, got {val} at "
-                         f"position {pos}, below the previous one")
-    raise ValueError(f"offsets[{k}]: last offset {val} is past the end of indices[{k}] "
-                     f"(length {n})")
 
 
 class DLRM:
@@ -197,10 +168,8 @@ class DLRM:
         if isinstance(tables, (np.ndarray, RowwiseQuantizedTable)) or not isinstance(
             tables, Sequence
         ):
-            raise TypeError(
-                f"tables: expected a sequence of tables, got {type(tables).__name__}"
-            )
-        checked = []
+            raise TypeError(f"tables: expected a sequence of tables, got {type(tables).__name__}")
+        checked: list[np.ndarray | RowwiseQuantizedTable] = []
         for k, t in enumerate(tables):
             if isinstance(t, RowwiseQuantizedTable):
                 checked.append(t)
@@ -241,8 +210,9 @@ class DLRM:
     @staticmethod
     def _check_layers(name: str, layers: Any) -> list[tuple[Any, np.ndarray | None]]:
         if not isinstance(layers, Sequence) or isinstance(layers, (str, np.ndarray)):
-            raise TypeError(f"{name}: expected a sequence of (weight, bias), got "
-                            f"{type(layers).__name__}")
+            raise TypeError(
+                f"{name}: expected a sequence of (weight, bias), got {type(layers).__name__}"
+            )
         if not layers:
             raise ValueError(f"{name}: expected at least one layer, got none")
         out: list[tuple[Any, np.ndarray | None]] = []
@@ -251,8 +221,9 @@ class DLRM:
             try:
                 w, b = layer
             except (TypeError, ValueError):
-                raise TypeError(f"{name}[{i}]: expected a (weight, bias) pair, got "
-                                f"{type(layer).__name__}") from None
+                raise TypeError(
+                    f"{name}[{i}]: expected a (weight, bias) pair, got {type(layer).__name__}"
+                ) from None
             if not _is_packed(w):
                 w = np.ascontiguousarray(
                     as_array(f"{name}[{i}].weight", w, dtypes=(np.float32,), ndim=2)
@@ -263,11 +234,12 @@ class DLRM:
                     as_array(f"{name}[{i}].bias", b, dtypes=(np.float32,), ndim=1)
                 )
                 if b.shape[0] != n_out:
-                    raise ValueError(f"{name}[{i}].bias: expected shape ({n_out},), got "
-                                     f"{b.shape}")
+                    raise ValueError(f"{name}[{i}].bias: expected shape ({n_out},), got {b.shape}")
             if prev is not None and n_in != prev:
-                raise ValueError(f"{name}[{i}].weight: expected {prev} inputs (the previous "
-                                 f"layer's outputs), got {n_in}")
+                raise ValueError(
+                    f"{name}[{i}].weight: expected {prev} inputs (the previous "
+                    f"layer's outputs), got {n_in}"
+                )
             prev = n_out
             out.append((w, b))
         return out
@@ -297,52 +269,16 @@ class DLRM:
         ``1 / sqrt(dim)`` a pooled dot product is O(1).  Tables are filled by a parallel
         counter-based generator (SplitMix64), ~0.1 s per 1M x 64 table.
         """
-        tables = check_int("tables", tables, minimum=1)
-        dim = check_int("dim", dim, minimum=1)
-        seed = check_int("seed", seed, minimum=0)
-        if isinstance(rows, (int, np.integer)) and not isinstance(rows, bool):
-            rows_l = [check_int("rows", rows, minimum=1)] * tables
-        else:
-            rows_l = [check_int(f"rows[{k}]", r, minimum=1) for k, r in enumerate(rows)]
-            if len(rows_l) != tables:
-                raise ValueError(f"rows: expected {tables} row counts (one per table), got "
-                                 f"{len(rows_l)}")
-        bottom = [check_int(f"bottom[{i}]", s, minimum=1) for i, s in enumerate(bottom)]
-        top = [check_int(f"top[{i}]", s, minimum=1) for i, s in enumerate(top)]
-        if len(bottom) < 2:
-            raise ValueError(f"bottom: expected at least 2 sizes (inputs and outputs), got "
-                             f"{bottom}")
-        if bottom[-1] != dim:
-            raise ValueError(f"bottom: expected the last size to equal dim={dim}, got "
-                             f"{bottom[-1]}")
-        if not top:
-            raise ValueError("top: expected at least one size, got none")
-        if emb_range is None:
-            emb_range = 1.0 / np.sqrt(dim)
-        emb_range = float(emb_range)
-        if not (np.isfinite(emb_range) and emb_range >= 0):
-            raise ValueError(f"emb_range: expected a finite value >= 0, got {emb_range}")
-        n = tables + 1
-        pairs = n * (n + 1) // 2 if self_interaction else n * (n - 1) // 2
-        top_sizes = [dim + pairs, *top]
-        rng = np.random.default_rng(seed)
-
-        def mlp(sizes: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-            layers = []
-            for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
-                w = rng.standard_normal((n_out, n_in), dtype=np.float32)
-                w *= np.float32(np.sqrt(2.0 / (n_in + n_out)))
-                b = rng.standard_normal(n_out, dtype=np.float32)
-                b *= np.float32(np.sqrt(1.0 / n_out))
-                layers.append((w, b))
-            return layers
-
-        bot_layers = mlp(bottom)
-        top_layers = mlp(top_sizes)
-        tabs = [
-            random_table(r, dim, low=-emb_range, high=emb_range, seed=seed * 1_000_003 + k)
-            for k, r in enumerate(rows_l)
-        ]
+        bot_layers, top_layers, tabs = random_parts(
+            tables=tables,
+            rows=rows,
+            dim=dim,
+            bottom=bottom,
+            top=top,
+            self_interaction=self_interaction,
+            emb_range=emb_range,
+            seed=seed,
+        )
         return cls(bot_layers, top_layers, tabs, self_interaction=self_interaction)
 
     @classmethod
@@ -358,66 +294,22 @@ class DLRM:
         (QR/MD embeddings, per-sample weight vectors) raises ``ValueError``.
         ``self_interaction`` is inferred from the top MLP's input size when None.
         """
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(f"state_dict: expected a mapping of name -> array, got "
-                            f"{type(state_dict).__name__}")
-        mlps: dict[str, dict[int, dict[str, np.ndarray]]] = {"bot_l": {}, "top_l": {}}
-        embs: dict[int, np.ndarray] = {}
-        for key, value in state_dict.items():
-            m = _KEY_RE.match(str(key))
-            if m:
-                part, j, kind = m.group(1), int(m.group(2)), m.group(3)
-                mlps[part].setdefault(j, {})[kind] = _to_numpy(f"state_dict[{key!r}]", value)
-                continue
-            m = _EMB_RE.match(str(key))
-            if m:
-                embs[int(m.group(1))] = _to_numpy(f"state_dict[{key!r}]", value)
-                continue
-            raise ValueError(f"state_dict: unsupported key {key!r} (expected bot_l.J.weight/"
-                             f"bias, top_l.J.weight/bias, emb_l.K.weight)")
-        layers = {}
-        for part, found in mlps.items():
-            if not found:
-                raise ValueError(f"state_dict: no {part}.*.weight keys")
-            lst = []
-            for j in sorted(found):
-                entry = found[j]
-                if "weight" not in entry:
-                    raise ValueError(f"state_dict: {part}.{j}.bias without {part}.{j}.weight")
-                lst.append((entry["weight"], entry.get("bias")))
-            layers[part] = lst
-        if not embs:
-            raise ValueError("state_dict: no emb_l.K.weight keys")
-        if sorted(embs) != list(range(len(embs))):
-            raise ValueError(f"state_dict: embedding tables must be numbered 0..{len(embs) - 1}, "
-                             f"got {sorted(embs)}")
-        tabs = [embs[k] for k in range(len(embs))]
-        if self_interaction is None:
-            n = len(tabs) + 1
-            d = tabs[0].shape[1] if tabs[0].ndim == 2 else 0
-            top_in = layers["top_l"][0][0].shape[1] if layers["top_l"][0][0].ndim == 2 else 0
-            self_interaction = top_in == d + n * (n + 1) // 2
-        return cls(layers["bot_l"], layers["top_l"], tabs, self_interaction=self_interaction)
+        bot, top, tabs, si = parse_state_dict(state_dict, self_interaction)
+        return cls(bot, top, tabs, self_interaction=si)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The float weights in facebookresearch/dlrm's ``state_dict`` layout (no copies)."""
         if self.precision != "float32":
-            raise TypeError("state_dict: only a float32 model has a float state_dict; keep the "
-                            "float model you quantized")
-        sd: dict[str, np.ndarray] = {}
-        for part, layers in (("bot_l", self.bottom), ("top_l", self.top)):
-            for i, (w, b) in enumerate(layers):
-                sd[f"{part}.{2 * i}.weight"] = w
-                if b is not None:
-                    sd[f"{part}.{2 * i}.bias"] = b
-        for k, t in enumerate(self.tables):
-            sd[f"emb_l.{k}.weight"] = t
-        return sd
+            raise TypeError(
+                "state_dict: only a float32 model has a float state_dict; keep the "
+                "float model you quantized"
+            )
+        return to_state_dict(self.bottom, self.top, self.tables)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the float weights to an ``.npz`` in the ``state_dict`` layout."""
-        sd = self.state_dict()
-        np.savez(path, **sd, _self_interaction=np.array(self.self_interaction))
+        arrays: dict[str, Any] = {**self.state_dict()}
+        np.savez(path, **arrays, _self_interaction=np.array(self.self_interaction))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DLRM:
@@ -429,7 +321,11 @@ class DLRM:
         return cls.from_state_dict(sd, self_interaction=None if si is None else bool(si))
 
     def quantize(
-        self, bits: int = 8, *, granularity: str = "channel", group_size: int | None = None,
+        self,
+        bits: int = 8,
+        *,
+        granularity: str = "channel",
+        group_size: int | None = None,
         reduce_range: bool = False,
     ) -> DLRM:
         """The int8 model: every linear layer packed by :func:`qgemm.pack_weight` (int8,
@@ -453,21 +349,44 @@ class DLRM:
         if bits not in (8, 4, 2):
             raise ValueError(f"bits: expected 8, 4 or 2, got {bits}")
 
-        def pack(layers):
-            return [(pack_weight(w, granularity=granularity, group_size=group_size,
-                                 reduce_range=reduce_range),
-                     None if b is None else b.copy()) for w, b in layers]
+        def pack(layers: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+            return [
+                (
+                    pack_weight(
+                        w, granularity=granularity, group_size=group_size, reduce_range=reduce_range
+                    ),
+                    None if b is None else b.copy(),
+                )
+                for w, b in layers
+            ]
 
         bottom = pack(self.bottom)
         top = pack(self.top)
         tables = [quantize_rowwise(t, bits=bits) for t in self.tables]
-        return DLRM(bottom, top, tables, self_interaction=self.self_interaction,
-                    engine="qgemm")
+        return DLRM(bottom, top, tables, self_interaction=self.self_interaction, engine="qgemm")
 
     def with_engine(self, engine: str) -> DLRM:
         """The same weights (shared, not copied) run by ``engine`` ("numpy" or "qgemm")."""
-        return DLRM(self.bottom, self.top, self.tables, self_interaction=self.self_interaction,
-                    engine=engine)
+        return DLRM(
+            self.bottom,
+            self.top,
+            self.tables,
+            self_interaction=self.self_interaction,
+            engine=engine,
+        )
+
+    # -- beyond one model: serving on a cluster, uncertainty ---------------------------------
+    def shard(self, client: Any, **kw: Any) -> Any:
+        """This model served on a Dask cluster: :class:`qgemm.distributed.ShardedDLRM`."""
+        from .distributed import ShardedDLRM
+
+        return ShardedDLRM(self, client, **kw)
+
+    def laplace(self, dense: Any, indices: Any, offsets: Any, y: Any, **kw: Any) -> Any:
+        """Subnetwork Laplace over the top MLP: :func:`qgemm.laplace.dlrm_laplace`."""
+        from .laplace import dlrm_laplace
+
+        return dlrm_laplace(self, dense, indices, offsets, y, **kw)
 
     # -- description -----------------------------------------------------------------------
     @property
@@ -548,30 +467,20 @@ class DLRM:
 
     # -- inputs ------------------------------------------------------------------------------
     def random_inputs(
-        self, batch: int, *, pooling: int = 20, seed: int | None = None,
+        self,
+        batch: int,
+        *,
+        pooling: int = 20,
+        seed: int | None = None,
         index_dtype: Any = np.int64,
     ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
         """A synthetic batch ``(dense, indices, offsets)`` as DLRM's random data generator
         makes it: dense features uniform in ``[0, 1)``, for each table ``batch`` bags whose
         lengths are uniform in ``[1, 2 * pooling - 1]`` (mean ``pooling``; 1 gives one-hot
         features as in Criteo) of row ids uniform over the table."""
-        batch = check_int("batch", batch, minimum=0)
-        pooling = check_int("pooling", pooling, minimum=1)
-        index_dtype = np.dtype(index_dtype)
-        if index_dtype not in [np.dtype(d) for d in _INDEX_DTYPES]:
-            raise TypeError(f"index_dtype: expected int32 or int64, got {index_dtype.name}")
-        rng = np.random.default_rng(seed)
-        dense = rng.random((batch, self.num_dense), dtype=np.float32)
-        indices, offsets = [], []
-        for rows in self.rows:
-            lengths = rng.integers(1, 2 * pooling, size=batch)
-            off = np.zeros(batch, dtype=index_dtype)
-            if batch > 1:
-                np.cumsum(lengths[:-1], out=off[1:])
-            total = int(lengths.sum())
-            indices.append(rng.integers(0, rows, size=total, dtype=index_dtype))
-            offsets.append(off)
-        return dense, indices, offsets
+        return random_batch(
+            self.rows, self.num_dense, batch, pooling=pooling, seed=seed, index_dtype=index_dtype
+        )
 
     def _check_inputs(
         self, dense: Any, indices: Any, offsets: Any
@@ -579,8 +488,9 @@ class DLRM:
         if not (type(dense) is np.ndarray and dense.dtype == np.float32 and dense.ndim == 2):
             dense = as_array("dense", dense, dtypes=(np.float32,), ndim=2)
         if dense.shape[1] != self._num_dense:
-            raise ValueError(f"dense: expected {self.num_dense} features per sample, got "
-                             f"shape {dense.shape}")
+            raise ValueError(
+                f"dense: expected {self.num_dense} features per sample, got shape {dense.shape}"
+            )
         check_finite("dense", dense)
         batch = dense.shape[0]
         nt = len(self.tables)
@@ -588,12 +498,15 @@ class DLRM:
         def seq(name: str, v: Any) -> list[Any]:
             if isinstance(v, np.ndarray):
                 if v.ndim < 2:
-                    raise ValueError(f"{name}: expected one array per table ({nt}), got a "
-                                     f"{v.ndim}-D array")
+                    raise ValueError(
+                        f"{name}: expected one array per table ({nt}), got a {v.ndim}-D array"
+                    )
                 return list(v)
             if not isinstance(v, Sequence) or isinstance(v, (str, bytes)):
-                raise TypeError(f"{name}: expected a sequence of {nt} arrays (one per table), "
-                                f"got {type(v).__name__}")
+                raise TypeError(
+                    f"{name}: expected a sequence of {nt} arrays (one per table), "
+                    f"got {type(v).__name__}"
+                )
             return list(v)
 
         idx_l = seq("indices", indices)
@@ -604,39 +517,30 @@ class DLRM:
             raise ValueError(f"offsets: expected {nt} arrays (one per table), got {len(off_l)}")
         bags = []
         for k in range(nt):
-            rows = self._rows[k]
-            idx, off = idx_l[k], off_l[k]
-            fixed = off is None
-            if not (type(idx) is np.ndarray and idx.dtype in _INDEX_NAMES
-                    and idx.ndim == (2 if fixed else 1)):
-                idx = as_array(f"indices[{k}]", idx, dtypes=_INDEX_DTYPES,
-                               ndim=2 if fixed else 1)
+            fixed = off_l[k] is None
+            idx = index_array(f"indices[{k}]", idx_l[k], ndim=2 if fixed else 1)
+            off = None
             if fixed:
                 if idx.shape[0] != batch:
-                    raise ValueError(f"indices[{k}]: expected {batch} fixed-size bags (the "
-                                     f"batch of dense), got shape {idx.shape}")
+                    raise ValueError(
+                        f"indices[{k}]: expected {batch} fixed-size bags (the "
+                        f"batch of dense), got shape {idx.shape}"
+                    )
             else:
-                if not (type(off) is np.ndarray and off.dtype in _INDEX_NAMES
-                        and off.ndim == 1):
-                    off = as_array(f"offsets[{k}]", off, dtypes=_INDEX_DTYPES, ndim=1)
+                off = index_array(f"offsets[{k}]", off_l[k])
                 if off.shape[0] != batch:
-                    raise ValueError(f"offsets[{k}]: expected {batch} offsets (one per sample "
-                                     f"of dense), got {off.shape[0]}")
-                if not off.flags.c_contiguous:
-                    off = np.ascontiguousarray(off)
-            if not idx.flags.c_contiguous:
-                idx = np.ascontiguousarray(idx)
-            flat = idx.reshape(-1)
-            chk = flat[:0] if fixed else off
-            code, pos, val = check_bags_kernel(
-                (_INDEX_NAMES[flat.dtype], _INDEX_NAMES[chk.dtype]))(flat, chk, rows)
-            if code:
-                _raise_bags(k, code, pos, val, rows, flat.shape[0])
+                    raise ValueError(
+                        f"offsets[{k}]: expected {batch} offsets (one per sample "
+                        f"of dense), got {off.shape[0]}"
+                    )
+            check_bags(
+                idx, off, self._rows[k], indices_name=f"indices[{k}]", offsets_name=f"offsets[{k}]"
+            )
             bags.append((idx, off))
         return dense, bags
 
     # -- inference ---------------------------------------------------------------------------
-    def _mlp(self, layers, x: np.ndarray, last_relu: bool) -> np.ndarray:
+    def _mlp(self, layers: list[tuple[Any, Any]], x: np.ndarray, last_relu: bool) -> np.ndarray:
         nl = len(layers)
         for i, (w, b) in enumerate(layers):
             relu = last_relu or i < nl - 1
@@ -660,7 +564,8 @@ class DLRM:
                 if parallel:
                     _config.sync_threads()
                 interaction_kernel((self.self_interaction, _config.fastmath_flags(), parallel))(
-                    np.ascontiguousarray(x), emb, out)
+                    np.ascontiguousarray(x), emb, out
+                )
             return out
         feats = np.concatenate([x[:, None, :], emb.transpose(1, 0, 2)], axis=1)  # [B, n, d]
         z = np.matmul(feats, feats.transpose(0, 2, 1))
@@ -717,31 +622,3 @@ class DLRM:
         return p
 
     __call__ = predict
-
-
-def random_table(rows: int, dim: int, *, low: float = -1.0, high: float = 1.0,
-                 seed: int = 0) -> np.ndarray:
-    """A float32 ``[rows, dim]`` table uniform in ``[low, high]`` (SplitMix64 of each
-    element's position, so the same ``seed`` gives the same table for any thread count).
-
-    Examples
-    --------
-    >>> t = random_table(1000, 8, low=-1, high=1, seed=3)
-    >>> t.shape, t.dtype, bool(t.min() >= -1 and t.max() <= 1)
-    ((1000, 8), dtype('float32'), True)
-    """
-    from ._kernels.dlrm import fill_uniform_kernel
-
-    rows = check_int("rows", rows, minimum=0)
-    dim = check_int("dim", dim, minimum=0)
-    seed = check_int("seed", seed, minimum=0)
-    low, high = float(low), float(high)
-    if not (np.isfinite(low) and np.isfinite(high) and low <= high):
-        raise ValueError(f"low, high: expected finite low <= high, got {low}, {high}")
-    out = np.empty((rows, dim), dtype=np.float32)
-    if out.size:
-        _config.sync_threads()
-        fill_uniform_kernel(())(out, np.uint64(seed % 2**64), np.float32(low),
-                                np.float32(high - low))
-    return out
-

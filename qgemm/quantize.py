@@ -20,11 +20,13 @@ import numpy as np
 
 from . import _config
 from ._kernels.quantize import (
+    choose_qparams_kernel,
     dequantize_kernel,
     quantize_kernel,
     rowwise_codes_kernel,
     rowwise_minmax_kernel,
 )
+from ._tuning import QUANTIZE_BLOCK, QUANTIZE_PARALLEL_MIN_ELEMS, ROWWISE_ROW_CHUNK
 from ._validate import as_array, check_choice, check_finite, check_int
 
 __all__ = [
@@ -38,11 +40,6 @@ __all__ = [
 ]
 
 _DTYPES = ("uint8", "int8")
-_SMALL_SCALE_THRESHOLD = np.float32(6.1e-5)  # FBGEMM's QuantUtils.cc
-_BLOCK = 1 << 16  # per-tensor kernels process blocks of this many elements per task
-# Below this many elements (de)quantization runs serially: a parallel region costs more
-# (~10 us measured on a 2-core VM) than the whole pass.
-_PARALLEL_MIN_ELEMS = 1 << 17
 
 
 def qrange(dtype: str = "uint8", reduce_range: bool = False) -> tuple[int, int]:
@@ -340,30 +337,13 @@ def choose_qparams(
 def _fbgemm_choose(
     lo: np.ndarray, hi: np.ndarray, qmin: int, qmax: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Vectorised FBGEMM ``ChooseQuantizationParams`` (no sparsity/power-of-two options)."""
-    mn = np.minimum(lo.astype(np.float32), np.float32(0)).astype(np.float64)
-    mx = np.maximum(hi.astype(np.float32), np.float32(0)).astype(np.float64)
-    scale = ((mx - mn) / (qmax - qmin)).astype(np.float32)
-    with np.errstate(divide="ignore", over="ignore"):
-        inv_inf = np.isinf(np.float32(1.0) / scale)
-    scale = np.where((scale == 0) | inv_inf, np.float32(0.1), scale).astype(np.float32)
-    small = scale < _SMALL_SCALE_THRESHOLD
-    if np.any(small):
-        org = scale.astype(np.float32)
-        amp = (_SMALL_SCALE_THRESHOLD / org).astype(np.float32)
-        span = float(_SMALL_SCALE_THRESHOLD) * (qmax - qmin)
-        new_mn = np.where(mn == 0, mn, np.where(mx == 0, -span, mn * amp))
-        new_mx = np.where(mn == 0, span, np.where(mx == 0, mx, mx * amp))
-        mn = np.where(small, np.float32(new_mn), mn).astype(np.float64)
-        mx = np.where(small, np.float32(new_mx), mx).astype(np.float64)
-        scale = np.where(small, _SMALL_SCALE_THRESHOLD, scale).astype(np.float32)
-    s64 = scale.astype(np.float64)
-    zp_min = qmin - mn / s64
-    zp_max = qmax - mx / s64
-    err_min = abs(qmin) + np.abs(mn / s64)
-    err_max = abs(qmax) + np.abs(mx / s64)
-    init = np.where(err_min < err_max, zp_min, zp_max)
-    zp = np.clip(np.rint(init), qmin, qmax).astype(np.int32)
+    """FBGEMM's ``ChooseQuantizationParams`` per channel: the one implementation,
+    :func:`qgemm._kernels.quantize.choose_qparams_scalar` (shared with the dynamic GEMM)."""
+    lo = np.ascontiguousarray(lo, dtype=np.float64)
+    hi = np.ascontiguousarray(hi, dtype=np.float64)
+    scale = np.empty(lo.shape, np.float32)
+    zp = np.empty(lo.shape, np.int32)
+    choose_qparams_kernel(())(lo, hi, qmin, qmax, scale, zp)
     return scale, zp
 
 
@@ -373,7 +353,7 @@ def _segments(shape: tuple[int, ...], qp: QParams) -> tuple[int, int, np.ndarray
         n = 1
         for d in shape:
             n *= d
-        return max(1, min(n, _BLOCK)), 1, *qp._tensor_params
+        return max(1, min(n, QUANTIZE_BLOCK)), 1, *qp._tensor_params
     if len(shape) == 0:
         raise ValueError("x: per-channel parameters need at least a 1-D array, got 0-D")
     axis = _normalise_axis(qp.axis, len(shape), "qparams.axis")
@@ -403,7 +383,7 @@ def quantize(x: Any, qparams: QParams) -> np.ndarray:
     if x.size == 0:
         return out
     flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
-    parallel = x.size >= _PARALLEL_MIN_ELEMS and _config.get_num_threads() > 1
+    parallel = x.size >= QUANTIZE_PARALLEL_MIN_ELEMS and _config.get_num_threads() > 1
     if parallel:
         _config.sync_threads()
     bad = quantize_kernel((qparams.dtype, parallel))(
@@ -432,7 +412,7 @@ def dequantize(q: Any, qparams: QParams) -> np.ndarray:
     out = np.empty(q.shape, dtype=np.float32)
     if q.size == 0:
         return out
-    parallel = q.size >= _PARALLEL_MIN_ELEMS and _config.get_num_threads() > 1
+    parallel = q.size >= QUANTIZE_PARALLEL_MIN_ELEMS and _config.get_num_threads() > 1
     if parallel:
         _config.sync_threads()
     dequantize_kernel((qparams.dtype, parallel))(
@@ -443,8 +423,6 @@ def dequantize(q: Any, qparams: QParams) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # Rowwise-quantized tables (FBGEMM's fused 8/4/2-bit formats)
-
-_ROW_CHUNK = 1 << 15  # rows quantized per numpy pass (bounds temporaries)
 
 
 def _code_bytes(dim: int, bits: int) -> int:
@@ -623,7 +601,7 @@ def quantize_rowwise(table: Any, *, bits: int = 8) -> RowwiseQuantizedTable:
     fused = np.zeros((rows, cb + _param_bytes(bits)), dtype=np.uint8)
     _config.sync_threads()
     # float16 tables are converted in chunks of rows (bounded temporaries); float32 in one go
-    chunk = _ROW_CHUNK if table.dtype != np.float32 else max(rows, 1)
+    chunk = ROWWISE_ROW_CHUNK if table.dtype != np.float32 else max(rows, 1)
     for start in range(0, rows, chunk):
         stop = min(start + chunk, rows)
         x = np.ascontiguousarray(table[start:stop], dtype=np.float32)
@@ -643,9 +621,7 @@ def _quantize_rows(x: np.ndarray, bits: int, fused: np.ndarray, row0: int) -> No
     bad = rowwise_minmax_kernel(())(x, mn, mx)
     if bad >= 0:
         r, c = divmod(int(bad), dim)
-        raise ValueError(
-            f"table: expected finite values, got {x[r, c]} at index ({row0 + r}, {c})"
-        )
+        raise ValueError(f"table: expected finite values, got {x[r, c]} at index ({row0 + r}, {c})")
     if bits == 8:
         rng = (mx - mn).astype(np.float32)
         scale = (rng / np.float32(255.0)).astype(np.float32)

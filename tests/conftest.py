@@ -19,7 +19,37 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     derandomize=bool(os.environ.get("CI")),
 )
-settings.load_profile("qgemm")
+# ``-m fuzz`` (or QGEMM_HYPOTHESIS_PROFILE=fuzz): thousands of examples per property.
+settings.register_profile(
+    "fuzz",
+    deadline=None,
+    max_examples=int(os.environ.get("QGEMM_FUZZ_EXAMPLES", "2000")),
+    suppress_health_check=list(HealthCheck),
+    derandomize=False,
+    print_blob=True,
+)
+settings.load_profile(os.environ.get("QGEMM_HYPOTHESIS_PROFILE", "qgemm"))
+
+_OPT_IN = ("slow", "fuzz")
+
+
+def pytest_configure(config):
+    markexpr = config.getoption("-m", default="") or ""
+    if "fuzz" in markexpr and "not fuzz" not in markexpr:
+        settings.load_profile("fuzz")
+
+
+def pytest_collection_modifyitems(config, items):
+    """``slow`` and ``fuzz`` tests are deselected unless ``-m`` names them."""
+    markexpr = config.getoption("-m", default="") or ""
+    wanted = {n for n in _OPT_IN if n in markexpr and f"not {n}" not in markexpr}
+    keep, drop = [], []
+    for item in items:
+        opt = {n for n in _OPT_IN if n in item.keywords}
+        (drop if opt - wanted else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 # Float tolerances (relative, absolute) by output dtype, used across the suite.
 FLOAT32_RTOL = 1e-5

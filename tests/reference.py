@@ -276,7 +276,8 @@ def ref_cyclical_lr(step, base_lr, max_lr, step_size, mode="triangular", gamma=1
     if mode == "triangular":
         scale = 1.0
     elif mode == "triangular2":
-        scale = 1 / 2.0 ** (cycle - 1)
+        with np.errstate(over="ignore", under="ignore"):
+            scale = float(np.power(0.5, cycle - 1))
     else:
         scale = gamma**step
     return base_lr + (max_lr - base_lr) * max(0.0, 1 - x) * scale

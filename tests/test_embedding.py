@@ -37,12 +37,23 @@ def make_table(kind, rows, dim, rng):
     return q, q.dequantize()
 
 
-def check(got, dense, indices, offsets=None, lengths=None, mode="sum", weights=None,
-          include_last_offset=False, padding_idx=None):
-    want = ref_embedding_bag(dense, indices, offsets, lengths, mode, weights,
-                             include_last_offset, padding_idx)
-    tol = ref_embedding_bag_tolerance(dense, indices, offsets, lengths, weights,
-                                      include_last_offset)
+def check(
+    got,
+    dense,
+    indices,
+    offsets=None,
+    lengths=None,
+    mode="sum",
+    weights=None,
+    include_last_offset=False,
+    padding_idx=None,
+):
+    want = ref_embedding_bag(
+        dense, indices, offsets, lengths, mode, weights, include_last_offset, padding_idx
+    )
+    tol = ref_embedding_bag_tolerance(
+        dense, indices, offsets, lengths, weights, include_last_offset
+    )
     assert got.dtype == np.float32
     assert got.shape == want.shape
     err = np.abs(got.astype(np.float64) - want)
@@ -72,8 +83,13 @@ def bag_case(draw, *, allow_weights=True):
 # ------------------------------------------------------------------------- against numpy
 
 
-@given(case=bag_case(), kind=st.sampled_from(KINDS), mode=st.sampled_from(["sum", "mean", "max"]),
-       seed=st.integers(0, 2**16), by_lengths=st.booleans())
+@given(
+    case=bag_case(),
+    kind=st.sampled_from(KINDS),
+    mode=st.sampled_from(["sum", "mean", "max"]),
+    seed=st.integers(0, 2**16),
+    by_lengths=st.booleans(),
+)
 def test_matches_reference(case, kind, mode, seed, by_lengths):
     rows, dim, idx, offsets, include_last, pad, weights, lens = case
     if mode != "sum":
@@ -82,14 +98,30 @@ def test_matches_reference(case, kind, mode, seed, by_lengths):
         by_lengths = False  # lengths kernels: one table kind is enough here
     table, dense = make_table(kind, rows, dim, np.random.default_rng(seed))
     if by_lengths:
-        got = embedding_bag(table, idx, lengths=lens, mode=mode, per_sample_weights=weights,
-                            padding_idx=pad)
+        got = embedding_bag(
+            table, idx, lengths=lens, mode=mode, per_sample_weights=weights, padding_idx=pad
+        )
         check(got, dense, idx, lengths=lens, mode=mode, weights=weights, padding_idx=pad)
     else:
-        got = embedding_bag(table, idx, offsets, mode=mode, per_sample_weights=weights,
-                            include_last_offset=include_last, padding_idx=pad)
-        check(got, dense, idx, offsets, mode=mode, weights=weights,
-              include_last_offset=include_last, padding_idx=pad)
+        got = embedding_bag(
+            table,
+            idx,
+            offsets,
+            mode=mode,
+            per_sample_weights=weights,
+            include_last_offset=include_last,
+            padding_idx=pad,
+        )
+        check(
+            got,
+            dense,
+            idx,
+            offsets,
+            mode=mode,
+            weights=weights,
+            include_last_offset=include_last,
+            padding_idx=pad,
+        )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -104,8 +136,9 @@ def test_specialised_dim(kind, mode, rng):
     check(got, dense, idx, offsets, mode=mode, padding_idx=pad)
 
 
-@pytest.mark.parametrize(("kind", "mode"), [(k, "sum") for k in KINDS] + [(2, "max"),
-                                                                         ("float16", "max")])
+@pytest.mark.parametrize(
+    ("kind", "mode"), [(k, "sum") for k in KINDS] + [(2, "max"), ("float16", "max")]
+)
 def test_specialised_dim_mixed_vector_chunks(kind, mode, rng):
     # dim 36: 8-bit rows are 32+4 codes, 4-bit planes 16+2 bytes, 2-bit planes 8+1 bytes
     table, dense = make_table(kind, 30, 36, rng)
@@ -164,13 +197,15 @@ def test_empty_inputs(rng):
     assert embedding_bag(table, none, none).shape == (0, 3)
     assert embedding_bag(table, none, np.array([0])).tolist() == [[0, 0, 0]]
     assert embedding_bag(table, none, np.array([0]), include_last_offset=True).shape == (0, 3)
-    assert embedding_bag(table, none, lengths=np.array([0, 0]), mode="max").tolist() == [
-        [0, 0, 0]
-    ] * 2
+    assert (
+        embedding_bag(table, none, lengths=np.array([0, 0]), mode="max").tolist() == [[0, 0, 0]] * 2
+    )
     empty_table = np.zeros((0, 3), np.float32)
     assert embedding_bag(empty_table, none, np.array([0, 0])).shape == (2, 3)
-    assert embedding_bag(np.zeros((5, 0), np.float32), np.array([1, 2]), np.array([0])).shape \
-        == (1, 0)
+    assert embedding_bag(np.zeros((5, 0), np.float32), np.array([1, 2]), np.array([0])).shape == (
+        1,
+        0,
+    )
     q = quantize_rowwise(np.zeros((0, 4), np.float32), bits=4)
     assert embedding_bag(q, none, np.array([0])).tolist() == [[0, 0, 0, 0]]
 
@@ -290,8 +325,9 @@ def test_bad_index_2d_position_and_unused_index(small):
         embedding_bag(t, np.array([0, 1, 2, 7]), np.array([0, 3]), include_last_offset=True)
     out = np.zeros((1, 2), np.float32)
     with pytest.raises(IndexError, match="index 7 at position 3"):
-        embedding_bag(t, np.array([0, 1, 2, 7]), np.array([0, 3]), include_last_offset=True,
-                      out=out)
+        embedding_bag(
+            t, np.array([0, 1, 2, 7]), np.array([0, 3]), include_last_offset=True, out=out
+        )
     with pytest.raises(IndexError, match="index -1 at position 1"):  # 2nd bad one is later
         embedding_bag(t, np.array([0, -1, 2, 7]), np.array([0, 3]), include_last_offset=True)
 
@@ -302,24 +338,39 @@ def test_bad_index_2d_position_and_unused_index(small):
         ({"offsets": np.array([1, 2])}, ValueError, r"offsets\[0\] must be 0"),
         ({"offsets": np.array([0, 3, 2])}, ValueError, r"offsets\[2\] = 2"),
         ({"offsets": np.array([0, 5])}, ValueError, r"offsets\[1\] = 5 is past the end"),
-        ({"offsets": np.array([], np.int64), "include_last_offset": True}, ValueError,
-         "offsets"),
+        ({"offsets": np.array([], np.int64), "include_last_offset": True}, ValueError, "offsets"),
         ({"lengths": np.array([3, -1, 2])}, ValueError, r"lengths\[1\] = -1"),
         ({"lengths": np.array([3, 2])}, ValueError, "lengths: .*adding up"),
         ({"offsets": np.array([0]), "lengths": np.array([4])}, ValueError, "not both"),
         ({}, ValueError, "offsets"),
-        ({"lengths": np.array([4]), "include_last_offset": True}, ValueError,
-         "include_last_offset"),
+        (
+            {"lengths": np.array([4]), "include_last_offset": True},
+            ValueError,
+            "include_last_offset",
+        ),
         ({"offsets": np.array([0.0])}, TypeError, "offsets"),
         ({"lengths": np.array([4], np.uint32)}, TypeError, "lengths"),
         ({"offsets": np.array([[0]])}, ValueError, "offsets"),
         ({"offsets": np.array([0]), "mode": "median"}, ValueError, "mode"),
-        ({"offsets": np.array([0]), "mode": "mean", "per_sample_weights": np.ones(4, np.float32)},
-         ValueError, "per_sample_weights"),
-        ({"offsets": np.array([0]), "per_sample_weights": np.ones(3, np.float32)}, ValueError,
-         "per_sample_weights"),
-        ({"offsets": np.array([0]), "per_sample_weights": np.ones(4)}, TypeError,
-         "per_sample_weights"),
+        (
+            {
+                "offsets": np.array([0]),
+                "mode": "mean",
+                "per_sample_weights": np.ones(4, np.float32),
+            },
+            ValueError,
+            "per_sample_weights",
+        ),
+        (
+            {"offsets": np.array([0]), "per_sample_weights": np.ones(3, np.float32)},
+            ValueError,
+            "per_sample_weights",
+        ),
+        (
+            {"offsets": np.array([0]), "per_sample_weights": np.ones(4)},
+            TypeError,
+            "per_sample_weights",
+        ),
         ({"offsets": np.array([0]), "padding_idx": 6}, ValueError, "padding_idx"),
         ({"offsets": np.array([0]), "padding_idx": -7}, ValueError, "padding_idx"),
         ({"offsets": np.array([0]), "padding_idx": 1.0}, TypeError, "padding_idx"),
@@ -327,13 +378,19 @@ def test_bad_index_2d_position_and_unused_index(small):
         ({"offsets": np.array([0]), "include_last_offset": 1}, TypeError, "include_last_offset"),
         ({"offsets": np.array([0]), "out": np.empty((1, 2), np.float64)}, TypeError, "out"),
         ({"offsets": np.array([0]), "out": np.empty((2, 2), np.float32)}, ValueError, "out"),
-        ({"offsets": np.array([0]), "out": np.empty((2, 4), np.float32)[:1, ::2]}, ValueError,
-         "out"),
+        (
+            {"offsets": np.array([0]), "out": np.empty((2, 4), np.float32)[:1, ::2]},
+            ValueError,
+            "out",
+        ),
         ({"offsets": np.array([0]), "out": [[0.0, 0.0]]}, TypeError, "out"),
         ({"offsets": np.array([0]), "out_dtype": np.float64}, TypeError, "out_dtype"),
         ({"offsets": np.array([0]), "out_dtype": "float17"}, TypeError, "out_dtype"),
-        ({"offsets": np.array([0]), "out": np.empty((1, 2), np.float32), "out_dtype": "float16"},
-         TypeError, "out_dtype"),
+        (
+            {"offsets": np.array([0]), "out": np.empty((1, 2), np.float32), "out_dtype": "float16"},
+            TypeError,
+            "out_dtype",
+        ),
     ],
 )
 def test_bad_arguments(small, kwargs, exc, match):
@@ -387,17 +444,27 @@ def test_matches_torch_float(mode, dim, rng):
             # offsets[-1] to the last bag (sum/mean); qgemm does not (see the module notes),
             # so compare on offsets whose last entry is len(indices).
             offs = np.append(offsets, 60) if last else offsets
-            want = F.embedding_bag(torch.from_numpy(idx), torch.from_numpy(table),
-                                   torch.from_numpy(offs), mode=mode, padding_idx=pad,
-                                   include_last_offset=last).numpy()
-            got = embedding_bag(table, idx, offs, mode=mode, padding_idx=pad,
-                                include_last_offset=last)
+            want = F.embedding_bag(
+                torch.from_numpy(idx),
+                torch.from_numpy(table),
+                torch.from_numpy(offs),
+                mode=mode,
+                padding_idx=pad,
+                include_last_offset=last,
+            ).numpy()
+            got = embedding_bag(
+                table, idx, offs, mode=mode, padding_idx=pad, include_last_offset=last
+            )
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     w = rng.standard_normal(60).astype(np.float32)
     if mode == "sum":
-        want = F.embedding_bag(torch.from_numpy(idx), torch.from_numpy(table),
-                               torch.from_numpy(offsets), mode="sum",
-                               per_sample_weights=torch.from_numpy(w)).numpy()
+        want = F.embedding_bag(
+            torch.from_numpy(idx),
+            torch.from_numpy(table),
+            torch.from_numpy(offsets),
+            mode="sum",
+            per_sample_weights=torch.from_numpy(w),
+        ).numpy()
         got = embedding_bag(table, idx, offsets, per_sample_weights=w)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -411,8 +478,13 @@ def test_torch_padding_with_include_last_offset_differs(rng):
     t = np.arange(12, dtype=np.float32).reshape(6, 2)
     idx, offsets = np.array([1, 2, 5]), np.array([0, 2])
     want_torch = torch.nn.functional.embedding_bag(
-        torch.from_numpy(idx), torch.from_numpy(t), torch.from_numpy(offsets), mode="sum",
-        include_last_offset=True, padding_idx=0).numpy()
+        torch.from_numpy(idx),
+        torch.from_numpy(t),
+        torch.from_numpy(offsets),
+        mode="sum",
+        include_last_offset=True,
+        padding_idx=0,
+    ).numpy()
     got = embedding_bag(t, idx, offsets, include_last_offset=True, padding_idx=0)
     np.testing.assert_array_equal(got, [[6.0, 8.0]])  # rows 1 and 2: the bag [0, 2)
     if not np.array_equal(want_torch, got):  # torch 2.13 also adds row 5, after offsets[-1]
@@ -424,12 +496,16 @@ def test_torch_padding_with_include_last_offset_differs(rng):
 def test_matches_torch_quantized(bits, dim, rng):
     torch = torch_or_skip()
     table = rng.standard_normal((50, dim)).astype(np.float32)
-    prepack = {8: torch.ops.quantized.embedding_bag_byte_prepack,
-               4: torch.ops.quantized.embedding_bag_4bit_prepack,
-               2: torch.ops.quantized.embedding_bag_2bit_prepack}[bits]
-    op = {8: torch.ops.quantized.embedding_bag_byte_rowwise_offsets,
-          4: torch.ops.quantized.embedding_bag_4bit_rowwise_offsets,
-          2: torch.ops.quantized.embedding_bag_2bit_rowwise_offsets}[bits]
+    prepack = {
+        8: torch.ops.quantized.embedding_bag_byte_prepack,
+        4: torch.ops.quantized.embedding_bag_4bit_prepack,
+        2: torch.ops.quantized.embedding_bag_2bit_prepack,
+    }[bits]
+    op = {
+        8: torch.ops.quantized.embedding_bag_byte_rowwise_offsets,
+        4: torch.ops.quantized.embedding_bag_4bit_rowwise_offsets,
+        2: torch.ops.quantized.embedding_bag_2bit_rowwise_offsets,
+    }[bits]
     fused = prepack(torch.from_numpy(table))
     q = RowwiseQuantizedTable.from_fused(fused.numpy(), bits=bits, dim=dim)
     np.testing.assert_array_equal(q.fused, quantize_rowwise(table, bits=bits).fused)
@@ -440,15 +516,115 @@ def test_matches_torch_quantized(bits, dim, rng):
         for last in (False, True):
             tw = None if weights is None else torch.from_numpy(weights)
             offs = np.append(offsets, 45) if last else offsets
-            want = op(fused, torch.from_numpy(idx), torch.from_numpy(offs), False, 0, False,
-                      tw, None, last).numpy()
-            got = embedding_bag(q, idx, offs, per_sample_weights=weights,
-                                include_last_offset=last)
+            want = op(
+                fused,
+                torch.from_numpy(idx),
+                torch.from_numpy(offs),
+                False,
+                0,
+                False,
+                tw,
+                None,
+                last,
+            ).numpy()
+            got = embedding_bag(q, idx, offs, per_sample_weights=weights, include_last_offset=last)
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     # torch's quantized ops ignore mode (always the sum); qgemm honours it
-    assert np.any(op(fused, torch.from_numpy(idx), torch.from_numpy(offsets), False, 1, False,
-                     None, None, False).numpy() != mean_of(q, idx, offsets))
+    assert np.any(
+        op(
+            fused,
+            torch.from_numpy(idx),
+            torch.from_numpy(offsets),
+            False,
+            1,
+            False,
+            None,
+            None,
+            False,
+        ).numpy()
+        != mean_of(q, idx, offsets)
+    )
     mean = embedding_bag(q, idx, offsets, mode="mean")
     np.testing.assert_allclose(
         mean, ref_embedding_bag(q.dequantize(), idx, offsets, mode="mean"), rtol=1e-5, atol=1e-5
     )
+
+
+# -- the one bag validator (embedding_bag's words, used by qgemm.models too) -------------------
+def ref_check_bags(indices, offsets, rows):
+    """Plain-numpy reference of ``check_bags``: the first failure as ``(exception type,
+    message fragment)``, or None.  Offsets are checked before indices, in order."""
+    flat = np.asarray(indices).reshape(-1)
+    if offsets is not None and offsets.size:
+        offs = offsets.astype(np.int64)
+        if offs[0] != 0:
+            return ValueError, f"offsets[0] must be 0 (bags start at index 0), got {offs[0]}"
+        dec = np.flatnonzero(offs[1:] < offs[:-1])
+        if dec.size:
+            b = int(dec[0]) + 1
+            return ValueError, f"offsets[{b}] = {offs[b]} is smaller"
+        if offs[-1] > flat.size:
+            return ValueError, f"offsets[{offs.size - 1}] = {offs[-1]} is past the end"
+    bad = np.flatnonzero((flat < 0) | (flat >= rows))
+    if bad.size:
+        i = int(bad[0])
+        where = (
+            i
+            if np.ndim(indices) == 1
+            else tuple(int(j) for j in np.unravel_index(i, np.shape(indices)))
+        )
+        return IndexError, f"index {flat[i]} at position {where} is out of range"
+    return None
+
+
+@given(
+    rows=st.integers(1, 9),
+    n=st.sampled_from([0, 1, 2, 5, 7]),
+    bags=st.sampled_from([0, 1, 3]),
+    idx_dtype=st.sampled_from([np.int32, np.int64]),
+    seed=st.integers(0, 2**16),
+)
+def test_check_bags_matches_reference(rows, n, bags, idx_dtype, seed):
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(-1, rows + 1, size=n).astype(idx_dtype)  # some out of range
+    offs = np.sort(rng.integers(0, n + 2, size=bags)).astype(np.int64)
+    if bags and rng.random() < 0.6:
+        offs[0] = 0  # mostly valid starts, so the later checks are reached
+    if bags > 1 and rng.random() < 0.3:
+        offs[1:] = offs[1:][::-1]  # sometimes decreasing
+    want = ref_check_bags(idx, offs, rows)
+    if want is None:
+        emb_mod.check_bags(idx, offs, rows)
+    else:
+        with pytest.raises(want[0]) as info:
+            emb_mod.check_bags(idx, offs, rows)
+        assert want[1] in str(info.value)
+        assert str(info.value).startswith(("indices: ", "offsets: "))
+
+
+def test_check_bags_fixed_size_and_names():
+    idx = np.array([[0, 1], [2, 9]], np.int64)
+    emb_mod.check_bags(idx[:1], None, rows=3)
+    with pytest.raises(IndexError, match=r"^indices\[3\]: index 9 at position \(1, 1\) .* 3 rows"):
+        emb_mod.check_bags(idx, None, rows=3, indices_name="indices[3]")
+    with pytest.raises(ValueError, match=r"^offsets\[2\]: offsets\[2\]\[1\] = 7 is past the end"):
+        emb_mod.check_bags(
+            idx[0], np.array([0, 7]), rows=3, indices_name="indices[2]", offsets_name="offsets[2]"
+        )
+
+
+def test_check_bags_words_as_embedding_bag(small):
+    """Both validators (the kernel's inline checks, the standalone pass) give one message."""
+    t, _, _ = small
+    cases = [
+        (np.array([0, 1, 9]), np.array([0, 1])),  # bad index
+        (np.array([0, 1, 2]), np.array([1, 2])),  # bad first offset
+        (np.array([0, 1, 2]), np.array([0, 2, 1])),  # decreasing
+        (np.array([0, 1, 2]), np.array([0, 4])),  # past the end
+    ]
+    for idx, offs in cases:
+        with pytest.raises((IndexError, ValueError)) as a:
+            embedding_bag(t, idx, offs)
+        with pytest.raises(type(a.value)) as b:
+            emb_mod.check_bags(idx, offs, t.shape[0])
+        assert str(a.value) == str(b.value)

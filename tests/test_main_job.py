@@ -11,14 +11,32 @@ import pytest
 
 from qgemm import cli
 
-TINY = ["--rows", "1000", "--tables", "3", "--dim", "8", "--bottom", "5-16", "--top", "12-1",
-        "--batch", "16", "--batches", "4", "--seconds", "0.05", "--rounds", "1"]
-
+TINY = [
+    "--rows",
+    "1000",
+    "--tables",
+    "3",
+    "--dim",
+    "8",
+    "--bottom",
+    "5-16",
+    "--top",
+    "12-1",
+    "--batch",
+    "16",
+    "--batches",
+    "4",
+    "--seconds",
+    "0.05",
+    "--rounds",
+    "1",
+]
 
 
 def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qgemm", *args], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "qgemm", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +69,19 @@ def test_text_report_and_progress():
     out = run_cli(*TINY, "--threads", "1")
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    for needle in ("float32 (numpy)", "int8 (qgemm)", "latency, median", "embedding", "mlp",
-                   "interaction", "memory", "|Δ prediction|", "top-10 per batch", "qgemm threads 1",
-                   "OpenBLAS) 1 threads"):
+    for needle in (
+        "float32 (numpy)",
+        "int8 (qgemm)",
+        "latency, median",
+        "embedding",
+        "mlp",
+        "interaction",
+        "memory",
+        "|Δ prediction|",
+        "top-10 per batch",
+        "qgemm threads 1",
+        "OpenBLAS) 1 threads",
+    ):
         assert needle in text, needle
     assert "[" in out.stderr and "round 1/1" in out.stderr  # the progress bar is on stderr
 
@@ -61,19 +89,36 @@ def test_text_report_and_progress():
 def test_help_lists_options():
     out = run_cli("--help", timeout=60)
     assert out.returncode == 0
-    for opt in ("--batch", "--tables", "--rows", "--dim", "--bits", "--threads", "--json",
-                "--seed", "--pooling", "--seconds", "--batches", "--model"):
+    for opt in (
+        "--batch",
+        "--tables",
+        "--rows",
+        "--dim",
+        "--bits",
+        "--threads",
+        "--json",
+        "--seed",
+        "--pooling",
+        "--seconds",
+        "--batches",
+        "--model",
+    ):
         assert opt in out.stdout, opt
 
 
 def test_parser_defaults_and_errors():
     parser = cli.build_parser()
     args = parser.parse_args([])
-    assert (args.batch, args.tables, args.rows, args.dim, args.bits) == (128, 8, 1_000_000, 64,
-                                                                          8)
+    assert (args.batch, args.tables, args.rows, args.dim, args.bits) == (128, 8, 1_000_000, 64, 8)
     assert args.bottom == [13, 512, 256] and args.top == [512, 256, 1]
-    for bad in (["--bits", "3"], ["--batch", "0"], ["--top", "5-x"], ["--seconds", "-1"],
-                ["--seed", "-3"], ["--rows", "1.5"]):
+    for bad in (
+        ["--bits", "3"],
+        ["--batch", "0"],
+        ["--top", "5-x"],
+        ["--seconds", "-1"],
+        ["--seed", "-3"],
+        ["--rows", "1.5"],
+    ):
         with pytest.raises(SystemExit) as exc:
             parser.parse_args(bad)
         assert exc.value.code == 2
@@ -101,8 +146,22 @@ def test_saved_model(tmp_path, capsys):
 
     path = tmp_path / "tiny.npz"
     DLRM.random(tables=2, rows=[30, 40], dim=4, bottom=(3, 4), top=(5, 1), seed=1).save(path)
-    code = cli.main(["--model", str(path), "--batch", "8", "--batches", "2", "--seconds",
-                     "0.05", "--rounds", "1", "--json", "--no-progress"])
+    code = cli.main(
+        [
+            "--model",
+            str(path),
+            "--batch",
+            "8",
+            "--batches",
+            "2",
+            "--seconds",
+            "0.05",
+            "--rounds",
+            "1",
+            "--json",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["config"]["model"] == str(path)

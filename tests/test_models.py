@@ -33,26 +33,29 @@ INT8_TOL = 0.03
 INT4_TOL = 0.05
 
 
-
-
 def ref(model: DLRM, dense, indices, offsets, tables=None):
     return ref_dlrm_forward(
-        model.bottom, model.top, model.tables if tables is None else tables, dense, indices,
-        offsets, model.self_interaction,
+        model.bottom,
+        model.top,
+        model.tables if tables is None else tables,
+        dense,
+        indices,
+        offsets,
+        model.self_interaction,
     )
 
 
 @pytest.fixture(scope="module")
 def model():
     # Table sizes include a 1-row table; dim 8; non-power-of-two layer sizes.
-    return DLRM.random(tables=3, rows=[50, 70, 1], dim=8, bottom=(5, 17, 8), top=(12, 1),
-                       seed=3)
+    return DLRM.random(tables=3, rows=[50, 70, 1], dim=8, bottom=(5, 17, 8), top=(12, 1), seed=3)
 
 
 @pytest.fixture(scope="module")
 def model_self():
-    return DLRM.random(tables=2, rows=40, dim=6, bottom=(3, 6), top=(9, 5, 2), seed=4,
-                       self_interaction=True)
+    return DLRM.random(
+        tables=2, rows=40, dim=6, bottom=(3, 6), top=(9, 5, 2), seed=4, self_interaction=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -112,24 +115,28 @@ def test_empty_batch(model):
 def test_offsets_as_2d_array(model, rng):
     dense, indices, offsets = model.random_inputs(4, pooling=2, seed=1)
     stacked = np.stack(offsets)  # [tables, batch], as DLRM's lS_o
-    np.testing.assert_array_equal(model.predict(dense, indices, stacked),
-                                  model.predict(dense, indices, offsets))
+    np.testing.assert_array_equal(
+        model.predict(dense, indices, stacked), model.predict(dense, indices, offsets)
+    )
 
 
 @given(batch=st.integers(1, 12), pooling=st.integers(1, 6), seed=st.integers(0, 2**16))
 def test_float_forward_hypothesis(model, batch, pooling, seed):
     dense, indices, offsets = model.random_inputs(batch, pooling=pooling, seed=seed)
-    np.testing.assert_allclose(model.predict(dense, indices, offsets),
-                               ref(model, dense, indices, offsets), atol=FLOAT_TOL)
+    np.testing.assert_allclose(
+        model.predict(dense, indices, offsets), ref(model, dense, indices, offsets), atol=FLOAT_TOL
+    )
 
 
 @given(batch=st.integers(1, 12), pooling=st.integers(1, 6), seed=st.integers(0, 2**16))
 def test_qgemm_engine_hypothesis(model, batch, pooling, seed):
     fast = model.with_engine("qgemm")
-    dense, indices, offsets = model.random_inputs(batch, pooling=pooling, seed=seed,
-                                                  index_dtype=np.int32)
-    np.testing.assert_allclose(fast.predict(dense, indices, offsets),
-                               ref(model, dense, indices, offsets), atol=FLOAT_TOL)
+    dense, indices, offsets = model.random_inputs(
+        batch, pooling=pooling, seed=seed, index_dtype=np.int32
+    )
+    np.testing.assert_allclose(
+        fast.predict(dense, indices, offsets), ref(model, dense, indices, offsets), atol=FLOAT_TOL
+    )
 
 
 def test_timings_hook(model):
@@ -141,12 +148,10 @@ def test_timings_hook(model):
 
 
 def test_random_is_reproducible(model):
-    again = DLRM.random(tables=3, rows=[50, 70, 1], dim=8, bottom=(5, 17, 8), top=(12, 1),
-                        seed=3)
+    again = DLRM.random(tables=3, rows=[50, 70, 1], dim=8, bottom=(5, 17, 8), top=(12, 1), seed=3)
     for a, b in zip(model.tables, again.tables, strict=True):
         np.testing.assert_array_equal(a, b)
-    other = DLRM.random(tables=3, rows=[50, 70, 1], dim=8, bottom=(5, 17, 8), top=(12, 1),
-                        seed=4)
+    other = DLRM.random(tables=3, rows=[50, 70, 1], dim=8, bottom=(5, 17, 8), top=(12, 1), seed=4)
     assert not np.array_equal(model.tables[0], other.tables[0])
     assert not np.array_equal(model.bottom[0][0], other.bottom[0][0])
     bound = 1 / np.sqrt(8)
@@ -171,15 +176,17 @@ def test_random_table_independent_of_threads():
 def test_state_dict_and_npz_round_trip(model, model_self, tmp_path):
     again = DLRM.from_state_dict(model.state_dict())
     dense, indices, offsets = model.random_inputs(4, seed=2)
-    np.testing.assert_array_equal(again.predict(dense, indices, offsets),
-                                  model.predict(dense, indices, offsets))
+    np.testing.assert_array_equal(
+        again.predict(dense, indices, offsets), model.predict(dense, indices, offsets)
+    )
     path = tmp_path / "m.npz"
     model_self.save(path)
     loaded = DLRM.load(path)
     assert loaded.self_interaction and loaded.top_sizes == model_self.top_sizes
     dense, indices, offsets = model_self.random_inputs(3, seed=2)
-    np.testing.assert_array_equal(loaded.predict(dense, indices, offsets),
-                                  model_self.predict(dense, indices, offsets))
+    np.testing.assert_array_equal(
+        loaded.predict(dense, indices, offsets), model_self.predict(dense, indices, offsets)
+    )
     sd = {"module." + k: v for k, v in model_self.state_dict().items()}  # DataParallel names
     assert DLRM.from_state_dict(sd).self_interaction  # inferred from the top input size
 
@@ -200,8 +207,9 @@ def test_qgemm_engine_float_tables(model, batch, rng):
     assert fast.engine == "qgemm" and fast.precision == "float32"
     dense = rng.random((batch, model.num_dense), dtype=np.float32)
     indices, offsets = bags_with_empties(model, batch, rng)
-    np.testing.assert_allclose(fast.predict(dense, indices, offsets),
-                               ref(model, dense, indices, offsets), atol=FLOAT_TOL)
+    np.testing.assert_allclose(
+        fast.predict(dense, indices, offsets), ref(model, dense, indices, offsets), atol=FLOAT_TOL
+    )
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
@@ -212,8 +220,11 @@ def test_quantized_tables_exact_to_dequantized_reference(model, bits, rng):
     dense = rng.random((11, model.num_dense), dtype=np.float32)
     indices, offsets = bags_with_empties(model, 11, rng)
     deq = [t.dequantize() for t in tables]
-    np.testing.assert_allclose(mixed.predict(dense, indices, offsets),
-                               ref(model, dense, indices, offsets, tables=deq), atol=FLOAT_TOL)
+    np.testing.assert_allclose(
+        mixed.predict(dense, indices, offsets),
+        ref(model, dense, indices, offsets, tables=deq),
+        atol=FLOAT_TOL,
+    )
 
 
 @pytest.mark.parametrize("batch", [1, 3, 64])
@@ -307,6 +318,27 @@ def test_predict_errors(model):
         model.predict(dense, indices, None)
 
 
+def test_predict_bag_errors_use_the_embedding_validator(model, qmodel, rng):
+    """A model's bags are checked by ``qgemm.embedding.check_bags``: embedding_bag's wording,
+    with the table's number in the argument names, before anything runs (both engines)."""
+    batch = 3
+    dense = rng.random((batch, model.num_dense), dtype=np.float32)
+    fixed = [rng.integers(0, r, size=(batch, 2)) for r in model.rows]
+    fixed[1][2, 1] = model.rows[1]
+    for m in (model, qmodel):
+        with pytest.raises(IndexError, match=r"^indices\[1\]: index 70 at position \(2, 1\) "):
+            m.predict(dense, fixed, None)
+    _, indices, offsets = model.random_inputs(batch, pooling=2, seed=2)
+    past = [o.copy() for o in offsets]
+    past[2][-1] = indices[2].size + 1
+    want = (
+        rf"^offsets\[2\]: offsets\[2\]\[2\] = {indices[2].size + 1} is past the end of indices\[2\]"
+    )
+    for m in (model, qmodel):
+        with pytest.raises(ValueError, match=want):
+            m.predict(dense, indices, past)
+
+
 def test_construction_errors(model):
     with pytest.raises(ValueError, match="bottom"):
         DLRM.random(tables=2, rows=10, dim=4, bottom=(3, 5), top=(1,))
@@ -317,8 +349,11 @@ def test_construction_errors(model):
     with pytest.raises(TypeError, match="tables"):
         DLRM(model.bottom, model.top, model.tables[0])
     with pytest.raises(ValueError, match="tables"):
-        DLRM(model.bottom, model.top, [model.tables[0], np.zeros((3, 5), np.float32),
-                                       model.tables[2]])
+        DLRM(
+            model.bottom,
+            model.top,
+            [model.tables[0], np.zeros((3, 5), np.float32), model.tables[2]],
+        )
     with pytest.raises(ValueError, match="top"):
         DLRM(model.bottom, model.top, model.tables[:2])
     with pytest.raises(TypeError, match=r"tables\[0\]"):
@@ -438,8 +473,11 @@ def test_from_torch_embedding_bag(bits):
     if bits is None:
         np.testing.assert_allclose(got, want, atol=1e-6)
     else:
-        prepack = (torch.ops.quantized.embedding_bag_byte_prepack if bits == 8
-                   else torch.ops.quantized.embedding_bag_4bit_prepack)
+        prepack = (
+            torch.ops.quantized.embedding_bag_byte_prepack
+            if bits == 8
+            else torch.ops.quantized.embedding_bag_4bit_prepack
+        )
         np.testing.assert_array_equal(bag.table.fused, prepack(eb.weight.detach()).numpy())
         np.testing.assert_allclose(got, want, atol=0.6 if bits == 4 else 0.03)
 
@@ -452,13 +490,16 @@ def test_from_torch_embedding_bag_options():
     assert bag.padding_idx == 2 and bag.include_last_offset
     idx = torch.tensor([2, 3, 2, 11, 0, 2])
     off = torch.tensor([0, 2, 2, 6])  # the last offset closes the last bag
-    np.testing.assert_allclose(bag(idx.numpy(), off.numpy()), eb(idx, off).detach().numpy(),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        bag(idx.numpy(), off.numpy()), eb(idx, off).detach().numpy(), atol=1e-6
+    )
     summed = torch.nn.EmbeddingBag(12, 5, mode="sum")
     w = torch.rand(6)
-    np.testing.assert_allclose(from_torch(summed)(idx.numpy(), off[:-1].numpy(), w.numpy()),
-                               summed(idx, off[:-1], per_sample_weights=w).detach().numpy(),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        from_torch(summed)(idx.numpy(), off[:-1].numpy(), w.numpy()),
+        summed(idx, off[:-1], per_sample_weights=w).detach().numpy(),
+        atol=1e-6,
+    )
 
 
 @pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning")
@@ -471,8 +512,11 @@ def test_from_torch_quantized_embedding_bag(bits):
     torch.manual_seed(3)
     f = torch.nn.EmbeddingBag(25, 8, mode="sum")
     qc = torch.ao.quantization
-    f.qconfig = (qc.float_qparams_weight_only_qconfig if bits == 8
-                 else qc.float_qparams_weight_only_qconfig_4bit)
+    f.qconfig = (
+        qc.float_qparams_weight_only_qconfig
+        if bits == 8
+        else qc.float_qparams_weight_only_qconfig_4bit
+    )
     qm = nnq.EmbeddingBag.from_float(f)
     bag = from_torch(qm)
     assert bag.table.bits == bits
@@ -522,8 +566,11 @@ def test_from_torch_dlrm_net():
     assert isinstance(m, DLRM) and m.rows == (20, 30, 5) and not m.self_interaction
     dense, indices, offsets = m.random_inputs(7, pooling=3, seed=0)
     with torch.no_grad():
-        want = net(torch.from_numpy(dense), [torch.from_numpy(o) for o in offsets],
-                   [torch.from_numpy(i) for i in indices]).numpy()
+        want = net(
+            torch.from_numpy(dense),
+            [torch.from_numpy(o) for o in offsets],
+            [torch.from_numpy(i) for i in indices],
+        ).numpy()
     np.testing.assert_allclose(m.predict(dense, indices, offsets), want, atol=FLOAT_TOL)
     # torch tensors (requires_grad parameters) are accepted by from_state_dict directly
     m2 = DLRM.from_state_dict(net.state_dict())
@@ -547,6 +594,5 @@ def test_torch_not_imported_by_qgemm():
     import sys
 
     code = "import sys, qgemm, qgemm.models, qgemm.interop; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

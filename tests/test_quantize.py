@@ -160,8 +160,11 @@ def test_symmetric_uint8_zero_point_centre():
 
 
 @given(
-    x=hnp.arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(0, 5)).map(
-        lambda s: (s[0] * 2, s[1])), elements=st.floats(-50, 50, width=32)),
+    x=hnp.arrays(
+        np.float32,
+        st.tuples(st.integers(1, 4), st.integers(0, 5)).map(lambda s: (s[0] * 2, s[1])),
+        elements=st.floats(-50, 50, width=32),
+    ),
     symmetric=st.booleans(),
 )
 def test_per_group_equals_per_channel_of_group_ranges(x, symmetric):
@@ -370,17 +373,72 @@ def test_quantize_matches_torch(rng):
         qp = choose_qparams(x)
         s, z = torch._choose_qparams_per_tensor(torch.from_numpy(x), False)
         assert abs(s - float(qp.scale)) <= 1e-6 * s and z == int(qp.zero_point)
-        tq = torch.quantize_per_tensor(torch.from_numpy(x), float(qp.scale),
-                                       int(qp.zero_point), torch.quint8)
+        tq = torch.quantize_per_tensor(
+            torch.from_numpy(x), float(qp.scale), int(qp.zero_point), torch.quint8
+        )
         np.testing.assert_array_equal(tq.int_repr().numpy(), quantize(x, qp))
         qc = choose_qparams(x, dtype="int8", symmetric=True, axis=1)
         tc = torch.quantize_per_channel(
-            torch.from_numpy(x), torch.from_numpy(qc.scale.astype(np.float64)),
-            torch.from_numpy(qc.zero_point.astype(np.int64)), 1, torch.qint8)
+            torch.from_numpy(x),
+            torch.from_numpy(qc.scale.astype(np.float64)),
+            torch.from_numpy(qc.zero_point.astype(np.int64)),
+            1,
+            torch.qint8,
+        )
         np.testing.assert_array_equal(tc.int_repr().numpy(), quantize(x, qc))
 
 
 def test_public_names_exported():
-    for name in ("QParams", "choose_qparams", "quantize", "dequantize", "quantize_rowwise",
-                 "RowwiseQuantizedTable", "cache_info", "cache_clear", "set_num_threads"):
+    for name in (
+        "QParams",
+        "choose_qparams",
+        "quantize",
+        "dequantize",
+        "quantize_rowwise",
+        "RowwiseQuantizedTable",
+        "cache_info",
+        "cache_clear",
+        "set_num_threads",
+    ):
         assert name in qgemm.__all__ and hasattr(qgemm, name)
+
+
+# ------------------------------------------------ the one ChooseQuantizationParams (njit scalar)
+
+_RANGE_EDGES = [0.0, -0.0, 1e-45, 1e-38, 1e-30, 6.1e-5, 1e-3, 1.0, 3.0, 1e30, 1e38]
+
+
+@pytest.mark.parametrize(("qmin", "qmax"), [(0, 255), (0, 127), (-128, 127), (-64, 63)])
+@given(
+    lo=st.one_of(
+        st.sampled_from(_RANGE_EDGES), st.floats(0.0, float(np.float32(1e38)), width=32)
+    ).map(lambda v: -v),
+    hi=st.one_of(st.sampled_from(_RANGE_EDGES), st.floats(0.0, float(np.float32(1e38)), width=32)),
+)
+def test_choose_qparams_scalar_is_the_fbgemm_reference(lo, hi, qmin, qmax):
+    """The single implementation (called by choose_qparams and the dynamic GEMM prologue),
+    including tiny ranges that hit the small-scale threshold and huge ones."""
+    from qgemm._kernels.quantize import choose_qparams_kernel, choose_qparams_scalar
+
+    scale, zp = choose_qparams_scalar(np.float32(lo), np.float32(hi), qmin, qmax)
+    with np.errstate(over="ignore", divide="ignore"):  # 1 / scale overflowing is the point
+        ref_scale, ref_zp = ref_choose_qparams_fbgemm(lo, hi, qmin, qmax)
+    assert float(np.float32(scale)) == scale == ref_scale  # a float32 value
+    assert int(zp) == ref_zp and qmin <= int(zp) <= qmax
+    vs = np.empty(2, np.float32)
+    vz = np.empty(2, np.int32)
+    choose_qparams_kernel(())(np.array([lo, 0.0]), np.array([hi, 0.0]), qmin, qmax, vs, vz)
+    assert vs[0] == scale and vz[0] == zp
+    assert (vs[1], vz[1]) == ref_choose_qparams_fbgemm(0.0, 0.0, qmin, qmax)
+
+
+def test_choose_qparams_per_channel_uses_the_scalar_per_channel(rng):
+    from qgemm._kernels.quantize import choose_qparams_scalar
+
+    x = (rng.standard_normal((5, 7)) * np.array([1e-6, 1, 0, 50, 1e-30])[:, None]).astype(
+        np.float32
+    )
+    qp = choose_qparams(x, axis=0)
+    for c in range(5):
+        s, z = choose_qparams_scalar(x[c].min(), x[c].max(), 0, 255)
+        assert qp.scale[c] == s and qp.zero_point[c] == z

@@ -11,7 +11,7 @@ process (a sum over a 1 GiB array).
 import numpy as np
 
 import qgemm.averaging as qa
-from qgemm import _bench_averaging as B
+from qgemm.bench import averaging as B
 
 N_MODELS = B.N_MODELS
 LAYOUT = B.layout(B.N_PARAMS)

@@ -10,7 +10,7 @@ embedding`` prints the same comparison as one table, with effective bandwidth.
 import numpy as np
 
 import qgemm
-from qgemm._bench_embedding import Tables, contenders, fresh_count, index_sets, row_bytes
+from qgemm.bench.embedding import Tables, contenders, fresh_count, index_sets, row_bytes
 from qgemm.embedding import embedding_bag
 
 CONFIGS = {

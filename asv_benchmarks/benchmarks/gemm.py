@@ -1,11 +1,11 @@
 """int8 GEMM: qgemm vs FBGEMM (torch, engine fbgemm), ONNX Runtime (MLAS) and numpy float32
 over FBGEMM's own benchmark shapes; packing, compile time and the machine's int8 ceiling.
 
-The inputs and peers come from ``qgemm._bench_gemm`` (the same code as ``python -m qgemm
+The inputs and peers come from ``qgemm.bench.gemm`` (the same code as ``python -m qgemm
 bench --only gemm``).  Peers that are not installed are skipped (``NotImplementedError``).
 """
 
-from qgemm import _bench_gemm as bg
+from qgemm.bench import gemm as bg
 from qgemm.gemm import pack_weight
 
 SHAPES = {f"m{m}_n{n}_k{k}": (m, n, k) for m, n, k in bg.SHAPES}

@@ -1,13 +1,13 @@
 """DLRM inference end to end: qgemm int8 vs the numpy float32 model, torch float32 and torch
 int8 (FBGEMM's ``linear_dynamic`` + ``embedding_bag_byte_rowwise_offsets``) on the same
-weights and requests (helpers in ``qgemm._bench_models``).
+weights and requests (helpers in ``qgemm.bench.models``).
 
 Tables are 8 x 1M rows x dim 64 as in the main job (``python -m qgemm``); bottom MLP
 13-512-256-64, top MLP 100-512-256-1, ~20 lookups per bag, fresh indices per call (a cycle of
 16 batches).  ``time_build`` measures model creation and int8 conversion.
 """
 
-from qgemm import _bench_models as B
+from qgemm.bench import models as B
 from qgemm.models import DLRM
 
 IMPLS = ["qgemm int8", "numpy fp32", "torch fp32", "torch int8"]

@@ -10,8 +10,11 @@ and a fast, counter-based random table initialiser.
     range(i + self_interaction): dot(f_i, f_j)``, i.e. the strictly lower triangle of
     ``F F^T`` row by row, plus the diagonal when ``self_interaction``).  This is DLRM's
     ``cat -> bmm -> tril gather -> cat`` in one pass, parallel over the batch (serial below
-    :data:`PARALLEL_MIN_MACS`).  Float32
-    accumulation (reassociated under qgemm's fast-math flags so LLVM vectorises the dot).
+    :data:`qgemm._tuning.INTERACTION_PARALLEL_MIN_MACS`).  Float32 accumulation
+    (reassociated under qgemm's fast-math flags so LLVM vectorises the dot).
+
+The bags of a DLRM's tables are checked by the embedding bags' own validator
+(:func:`qgemm.embedding.check_bags`).
 
 ``fill_uniform_kernel(())``
     ``kern(out, seed, lo, width)``: fills float32 ``out[rows, cols]`` with
@@ -28,12 +31,12 @@ import numpy as np
 from numba import prange, types
 
 from .._cache import kernel_family
+from .._tuning import INTERACTION_PARALLEL_MIN_MACS as PARALLEL_MIN_MACS
 
 __all__ = [
     "PARALLEL_MIN_MACS",
     "interaction_kernel",
     "fill_uniform_kernel",
-    "check_bags_kernel",
     "splitmix64",
 ]
 
@@ -51,12 +54,6 @@ def splitmix64(z):  # pragma: no cover - compiled
     return z ^ (z >> np.uint64(31))
 
 
-PARALLEL_MIN_MACS = 1 << 17
-"""Below this many multiply-adds per call the interaction runs serially: waking the worker
-threads costs more than the work (and, on a busy machine, a parallel region waits for a
-descheduled worker)."""
-
-
 @kernel_family("dlrm_interaction")
 def interaction_kernel(key):
     """Fused DLRM dot interaction; key ``(self_interaction: bool, fastmath: bool | frozenset,
@@ -65,9 +62,7 @@ def interaction_kernel(key):
     if not isinstance(fastmath, bool):
         fastmath = set(fastmath)  # numba wants a bool, dict or set
     extra = 1 if self_interaction else 0
-    sig = types.void(
-        types.float32[:, ::1], types.float32[:, :, ::1], types.float32[:, ::1]
-    )
+    sig = types.void(types.float32[:, ::1], types.float32[:, :, ::1], types.float32[:, ::1])
 
     @numba.njit(sig, parallel=parallel, cache=True, nogil=True, fastmath=fastmath)
     def kern(x, emb, out):  # pragma: no cover - compiled
@@ -112,52 +107,5 @@ def fill_uniform_kernel(key):
                 z = splitmix64(ctr + np.uint64(j))
                 u = np.float32(z >> np.uint64(40)) * scale  # 24 random bits -> [0, 1)
                 out[i, j] = lo + width * u
-
-    return kern
-
-
-# Error codes of check_bags_kernel, returned as (code, position, value).
-BAGS_OK = 0
-BAGS_BAD_INDEX = 1
-BAGS_BAD_FIRST_OFFSET = 2
-BAGS_DECREASING_OFFSET = 3
-BAGS_OFFSET_PAST_END = 4
-
-
-@kernel_family("dlrm_check_bags")
-def check_bags_kernel(key):
-    """Validate one table's bags in a single pass; key ``(index dtype, offsets dtype)`` names.
-
-    ``kern(indices, offsets, rows) -> (code, position, value)``: offsets (torch convention,
-    possibly empty) must start at 0, never decrease and not pass ``len(indices)``; every index
-    must be in ``[0, rows)``.  Code 0 is success, the others are the ``BAGS_*`` constants.
-    """
-    idx_name, off_name = key
-    idx_t = types.Array(getattr(types, idx_name), 1, "C")
-    off_t = types.Array(getattr(types, off_name), 1, "C")
-    sig = types.UniTuple(types.int64, 3)(idx_t, off_t, types.int64)
-
-    @numba.njit(sig, cache=True, nogil=True)
-    def kern(indices, offsets, rows):  # pragma: no cover - compiled
-        n = indices.shape[0]
-        bags = offsets.shape[0]
-        if bags > 0:
-            if offsets[0] != 0:
-                return (BAGS_BAD_FIRST_OFFSET, 0, np.int64(offsets[0]))
-            for b in range(1, bags):
-                if offsets[b] < offsets[b - 1]:
-                    return (BAGS_DECREASING_OFFSET, b, np.int64(offsets[b]))
-            if offsets[bags - 1] > n:
-                return (BAGS_OFFSET_PAST_END, bags - 1, np.int64(offsets[bags - 1]))
-        bad = 0
-        for i in range(n):  # branch-free scan (vectorises); locate only on failure
-            v = np.int64(indices[i])
-            bad |= (v < 0) | (v >= rows)
-        if bad:
-            for i in range(n):
-                v = np.int64(indices[i])
-                if v < 0 or v >= rows:
-                    return (BAGS_BAD_INDEX, i, v)
-        return (BAGS_OK, 0, 0)
 
     return kern

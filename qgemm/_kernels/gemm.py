@@ -26,7 +26,14 @@ stage (``"raw"`` int32, ``"float"`` float32, ``"requant"`` uint8, ``"dynamic"`` 
 activation quantization fused in front) and the variants name the microkernels
 (``vnni``, ``avx2``, ``avx2x`` = exact split, ``avx2s`` = saturating, ``portable``, ``portables``).
 Granularity needs no key entry: scales and zero points are expanded to one per output column
-at pack time, so per-tensor, per-group and per-channel weights share kernels.
+at pack time, so per-tensor, per-group and per-channel weights share kernels.  Which variants
+and tile each instruction-set path uses is :mod:`qgemm._isa`'s table.
+
+Output stage
+------------
+The kernels take the operands of the output pipeline as one
+:class:`~.output_stage.OutputStage` (its fields in order at the Python boundary) and turn it
+into the microkernels' operands in one call of :func:`~.output_stage.lower`.
 """
 
 from __future__ import annotations
@@ -38,10 +45,11 @@ from numba.core.errors import TypingError
 from numba.extending import overload
 
 from .._cache import kernel_family
+from .._tuning import GEMM_QUANTIZE_PARALLEL_MIN_ELEMS as PAR_ELEMS
 from .gemm_ukernel import AVX2_EXACT, AVX2_FAST, VNNI, atomic_next, ukr
-from .gemm_ukernel import FLOAT as MODE_FLOAT
 from .gemm_ukernel import RAW as MODE_RAW
-from .gemm_ukernel import REQUANT as MODE_REQUANT
+from .output_stage import MODES, PAD, STAGE_TYPES, OutputStage, ep_float, ep_requant, lower
+from .quantize import choose_qparams_scalar
 
 # Microkernel variants (literal ints passed to ``_tile``).
 PORTABLE = 10
@@ -70,7 +78,6 @@ PRANGE_ONLY = {
     "stencil": False,
     "fusion": False,
 }
-PAR_ELEMS = 1 << 16  # activations quantized in parallel from this many elements on
 
 
 def _tile(a, a_row, lda_bytes, b, b_off, bstride, kgroups, c, init, mr, MR, NV, VARIANT):
@@ -157,55 +164,6 @@ def _tile_fused_impl(a, a_row, lda_bytes, b, b_off, bstride, kgroups, init, mr, 
     return impl
 
 
-@numba.njit(error_model="numpy")
-def _wrap32(v):
-    """int64 -> int32 with two's-complement wrap-around (exact when the true value fits)."""
-    v = v & 0xFFFFFFFF
-    if v >= 0x80000000:
-        v -= 0x100000000
-    return np.int32(v)
-
-
-# ---------------------------------------------------------------------------- choose qparams
-
-
-@numba.njit(error_model="numpy")
-def _f32(v):
-    return np.float32(v)
-
-
-@numba.njit(error_model="numpy")
-def _choose_u8(lo, hi, qmin, qmax):
-    """FBGEMM's ``ChooseQuantizationParams`` for one tensor, exactly as
-    :func:`qgemm.quantize.choose_qparams` computes it (asymmetric)."""
-    mn = np.float64(min(_f32(lo), _f32(0.0)))
-    mx = np.float64(max(_f32(hi), _f32(0.0)))
-    scale = _f32((mx - mn) / (qmax - qmin))
-    if scale == 0 or np.isinf(_f32(1.0) / scale):
-        scale = _f32(0.1)
-    thr = _f32(6.1e-5)
-    if scale < thr:
-        amp = _f32(thr / scale)
-        span = np.float64(thr) * (qmax - qmin)
-        if mn == 0:
-            mx = np.float64(_f32(span))
-        elif mx == 0:
-            mn = np.float64(_f32(-span))
-        else:
-            mn = np.float64(_f32(mn * amp))
-            mx = np.float64(_f32(mx * amp))
-        scale = thr
-    s64 = np.float64(scale)
-    zp_min = qmin - mn / s64
-    zp_max = qmax - mx / s64
-    err_min = abs(qmin) + abs(mn / s64)
-    err_max = abs(qmax) + abs(mx / s64)
-    init = zp_min if err_min < err_max else zp_max
-    zp = np.rint(init)
-    zp = min(max(zp, np.float64(qmin)), np.float64(qmax))
-    return scale, np.int32(zp)
-
-
 # ---------------------------------------------------------------------------- activations
 
 
@@ -243,47 +201,16 @@ def _quantize_row(x, q, K, scale, zp, qmax):
         q[k] = 0
 
 
-# ---------------------------------------------------------------------------- output stages
-# One row of one tile; 0-based loops over views so LLVM vectorises them cleanly.
-
-
-@numba.njit(nogil=True, error_model="numpy")
-def _ep_float(s, o, bscale, fbias, a_scale, flo, rs, bzp, has_bzp):
-    """ReQuantizeForFloat: ``raw * a_scale * w_scale[j] + bias[j]``, then ``max(., flo)``."""
-    if has_bzp:
-        for c in range(s.size):
-            v = np.int64(s[c]) - rs * np.int64(bzp[c])
-            o[c] = max(np.float32(v) * a_scale * bscale[c] + fbias[c], flo)
-    else:
-        for c in range(s.size):
-            o[c] = max(np.float32(s[c]) * a_scale * bscale[c] + fbias[c], flo)
-
-
-@numba.njit(nogil=True, error_model="numpy")
-def _ep_requant(s, o, fbq, mult, czp, qlo, qmax, rs, bzp, has_bzp):
-    """ReQuantizeOutput: ``clamp(rint((raw + bias / ab) * mult) + c_zp, qlo, qmax)``."""
-    if has_bzp:
-        for c in range(s.size):
-            v = np.int64(s[c]) - rs * np.int64(bzp[c])
-            f = np.rint((np.float32(v) + fbq[c]) * mult[c]) + czp
-            o[c] = np.uint8(min(max(f, qlo), qmax))
-    else:
-        for c in range(s.size):
-            f = np.rint((np.float32(s[c]) + fbq[c]) * mult[c]) + czp
-            o[c] = np.uint8(min(max(f, qlo), qmax))
-
-
 # ---------------------------------------------------------------------------- the kernels
 
-_KINDS = ("raw", "float", "requant", "dynamic")
+KINDS = tuple(MODES)
+"""Output kinds: ``"raw"`` int32, ``"float"`` float32, ``"requant"`` uint8, ``"dynamic"``."""
 
 
 def _signature(kind: str):
     a2 = types.Array(types.uint8, 2, "A")
     x2 = types.Array(types.float32, 2, "C")
     b1 = types.Array(types.int8, 1, "C")
-    i32v = types.Array(types.int32, 1, "C")
-    f32v = types.Array(types.float32, 1, "C")
     out_t = {
         "raw": types.int32,
         "float": types.float32,
@@ -292,57 +219,32 @@ def _signature(kind: str):
     }[kind]
     out2 = types.Array(out_t, 2, "C")
     first = x2 if kind == "dynamic" else a2
-    # (a, M, K, KG, b, N, NP, colc, bzp, has_bzp, a_zp, a_scale, bscale, ibias, fbias,
-    #  c_scale, c_zp, relu, pairmax, qmax, nchunks, nthreads, out) -> int64
-    return types.int64(
-        first,
-        types.int64,
-        types.int64,
-        types.int64,
-        b1,
-        types.int64,
-        types.int64,
-        i32v,
-        i32v,
-        types.boolean,
-        types.int32,
-        types.float32,
-        f32v,
-        i32v,
-        f32v,
-        types.float32,
-        types.int32,
-        types.boolean,
-        types.int64,
-        types.int64,
-        types.int64,
-        types.int64,
-        out2,
-    )
+    i64 = types.int64
+    # (a, M, K, KG, b, N, NP, pairmax, *stage, nchunks, nthreads, out) -> int64
+    return types.int64(first, i64, i64, i64, b1, i64, i64, i64, *STAGE_TYPES, i64, i64, out2)
 
 
 @kernel_family("gemm")
 def gemm_kernel(key):
     """Build the GEMM kernel for ``key = (kind, fast, exact, MR, NV, NR, parallel)``.
 
-    Returns -1 on success; otherwise nothing is written to ``out`` and the result is the flat
-    index of the first non-finite activation (dynamic kind), or ``-2 - j`` for a non-finite
-    float bias at column ``j``.  ``qmax`` is the activation code maximum (dynamic kind) or the
-    output code maximum (requant kind).
+    Called as ``kern(a, M, K, KG, b, N, NP, pairmax, *stage, nchunks, nthreads, out)`` with
+    ``stage`` an :class:`~.output_stage.OutputStage`.  Returns -1 on success; otherwise nothing
+    is written to ``out`` and the result is the flat index of the first non-finite activation
+    (dynamic kind), or ``-2 - j`` for a non-finite float bias at column ``j``.
     """
     kind, fast_name, exact_name, MR, NV, NR, parallel = key
-    if kind not in _KINDS:
-        raise ValueError(f"kind: expected one of {_KINDS}, got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
     V_FAST = VARIANTS[fast_name]
     V_EXACT = VARIANTS[exact_name]
     CHOOSE = V_FAST != V_EXACT  # pick fast/exact at run time by the saturation bound
     RAW = kind == "raw"
     FLOAT = kind in ("float", "dynamic")
-    REQ = kind == "requant"
     DYN = kind == "dynamic"
     PAR = bool(parallel)
     NATIVE = V_FAST in NATIVE_VARIANTS
-    MODE = MODE_RAW if RAW else (MODE_FLOAT if FLOAT else MODE_REQUANT)
+    MODE = MODES[kind]
     OUT_DT = np.int32 if RAW else (np.float32 if FLOAT else np.uint8)
     ES = np.dtype(OUT_DT).itemsize
 
@@ -353,39 +255,22 @@ def gemm_kernel(key):
         nogil=True,
         error_model="numpy",
     )
-    def gemm(
-        a,
-        M,
-        K,
-        KG,
-        b,
-        N,
-        NP,
-        colc,
-        bzp,
-        has_bzp,
-        a_zp,
-        a_scale,
-        bscale,
-        ibias,
-        fbias,
-        c_scale,
-        c_zp,
-        relu,
-        pairmax,
-        qmax,
-        nchunks,
-        nthreads,
-        out,
-    ):
+    def gemm(a, M, K, KG, b, N, NP, pairmax, w_zero_point, has_w_zero_point, w_colsum,
+             w_scale, x_zero_point, x_scale, x_qmax, int_bias, float_bias, relu, out_scale,
+             out_zero_point, out_qmax, nchunks, nthreads, out):  # fmt: skip
+        stage = OutputStage(w_zero_point, has_w_zero_point, w_colsum, w_scale, x_zero_point,
+                            x_scale, x_qmax, int_bias, float_bias, relu, out_scale,
+                            out_zero_point, out_qmax)  # fmt: skip
         KP = 4 * KG
         if not RAW:
+            fbias = stage.float_bias
             for j in range(N):
                 fb = fbias[j]
                 if not (fb - fb == np.float32(0.0)):
                     return -2 - j
         # ---- activations: quantize (dynamic) or take as is
         if DYN:
+            qmax = stage.x_qmax
             lo = np.float32(0.0)
             hi = np.float32(0.0)
             if M > 0 and K > 0:
@@ -406,7 +291,7 @@ def gemm_kernel(key):
                                 return i * K + k
                 lo = lo_r.min()
                 hi = hi_r.max()
-            sc, zp = _choose_u8(lo, hi, 0, qmax)
+            sc, zp = choose_qparams_scalar(lo, hi, 0, qmax)
             q_scale = sc
             q_zp = zp
             aq = np.empty((M, KP), np.uint8)
@@ -419,8 +304,8 @@ def gemm_kernel(key):
             amax = np.int64(qmax)
         else:
             aq = a
-            q_scale = a_scale
-            q_zp = a_zp
+            q_scale = stage.x_scale
+            q_zp = stage.x_zero_point
             amax = np.int64(255)
             if CHOOSE and pairmax * 255 > INT16_MAX:
                 amax = 0
@@ -429,7 +314,8 @@ def gemm_kernel(key):
                         amax = max(amax, np.int64(aq[i, k]))
         use_fast = (not CHOOSE) or amax * pairmax <= INT16_MAX
         lda = aq.strides[0]
-        # ---- per-row and per-column terms of the output stage
+        # ---- the output stage: row sums, then the microkernels' operands (one place)
+        has_bzp = stage.has_w_zero_point
         rowsum = np.zeros(M, np.int64)
         if has_bzp:
             for i in range(M):
@@ -437,42 +323,11 @@ def gemm_kernel(key):
                 for k in range(K):
                     s += aq[i, k]
                 rowsum[i] = s
-        NPAD = N + NR  # per-column vectors padded so full-width vector loads stay in bounds
-        if REQ:
-            mult = np.zeros(NPAD, np.float32)
-            fbq = np.zeros(NPAD, np.float32)
-            for j in range(N):
-                ab = q_scale * bscale[j]
-                mult[j] = ab / c_scale
-                fbq[j] = fbias[j] / ab
-            qlo = np.float32(c_zp) if relu else np.float32(0.0)
-            fczp = np.float32(c_zp)
-            fqmax = np.float32(qmax)
-        else:
-            mult = bscale
-            fbq = fbias
-            qlo = np.float32(0.0)
-            fczp = np.float32(0.0)
-            fqmax = np.float32(0.0)
+        p1, p2, s1, s2, s3 = lower(stage, q_scale, MODE, NATIVE)
+        bzp = stage.w_zero_point
+        ibias = stage.int_bias
+        colc = stage.w_colsum
         azp64 = np.int64(q_zp)
-        flo = np.float32(0.0) if relu else np.float32(-np.inf)
-        # fused output stage operands: (p1, p2, s1, s2, s3) per the microkernel's MODE
-        if NATIVE:
-            bzp_p = np.zeros(NPAD, np.int32)
-            bzp_p[:N] = bzp
-            if FLOAT:
-                p1 = np.zeros(NPAD, np.float32)
-                p2 = np.zeros(NPAD, np.float32)
-                p1[:N] = bscale
-                p2[:N] = fbias
-                s1, s2, s3 = q_scale, flo, np.float32(0.0)
-            elif REQ:
-                p1, p2 = fbq, mult
-                s1, s2, s3 = fczp, qlo, fqmax
-            else:
-                p1 = np.zeros(1, np.float32)
-                p2 = p1
-                s1, s2, s3 = np.float32(0.0), np.float32(0.0), np.float32(0.0)
         # ---- tasks: column tiles x row chunks
         nct = (N + NR - 1) // NR
         mblocks = (M + MR - 1) // MR
@@ -527,21 +382,19 @@ def gemm_kernel(key):
                             ldo = NR * ES
                         if use_fast:
                             _tile_fused(aq, i0, lda, b, boff, bstride, KG, init, mr, dst, o_off,
-                                        ldo, p1, p2, bzp_p, rowsum, j0, s1, s2, s3, MR, NV,
+                                        ldo, p1, p2, bzp, rowsum, j0, s1, s2, s3, MR, NV,
                                         V_FAST, MODE)  # fmt: skip
                         else:
                             _tile_fused(aq, i0, lda, b, boff, bstride, KG, init, mr, dst, o_off,
-                                        ldo, p1, p2, bzp_p, rowsum, j0, s1, s2, s3, MR, NV,
+                                        ldo, p1, p2, bzp, rowsum, j0, s1, s2, s3, MR, NV,
                                         V_EXACT, MODE)  # fmt: skip
                         if not full:
                             for r in range(mr):
                                 out[i0 + r, j0 : j0 + nc] = tmp[r, :nc]
                     continue
-                bs_t = bscale[j0 : j0 + nc]
-                fb_t = fbias[j0 : j0 + nc]
+                p1_t = p1[j0 : j0 + nc]
+                p2_t = p2[j0 : j0 + nc]
                 bz_t = bzp[j0 : j0 + nc]
-                fbq_t = fbq[j0 : j0 + nc]
-                mult_t = mult[j0 : j0 + nc]
                 for i0 in range(i_start, i_stop, MR):
                     mr = min(MR, i_stop - i0)
                     if use_fast:
@@ -555,11 +408,9 @@ def gemm_kernel(key):
                         if RAW:
                             ov[:] = sv
                         elif FLOAT:
-                            _ep_float(sv, ov, bs_t, fb_t, q_scale, flo, rowsum[i], bz_t, has_bzp)
+                            ep_float(sv, ov, p1_t, p2_t, s1, s2, rowsum[i], bz_t, has_bzp)
                         else:
-                            _ep_requant(
-                                sv, ov, fbq_t, mult_t, fczp, qlo, fqmax, rowsum[i], bz_t, has_bzp
-                            )
+                            ep_requant(sv, ov, p1_t, p2_t, s1, s2, s3, rowsum[i], bz_t, has_bzp)
         return -1
 
     return gemm
@@ -569,11 +420,13 @@ def gemm_kernel(key):
 def ceiling_kernel(key):
     """The machine's int8 ceiling: ``reps`` register tiles on L1-resident data per thread.
 
-    Key ``(variant, MR, NV, NR)``; called as ``kern(a, b, kgroups, reps, threads)``.
+    Key ``(variant, MR, NV, NR)`` (:attr:`qgemm._isa.IsaPath.ceiling`); called as
+    ``kern(a, b, kgroups, reps, threads)``.
     """
     variant, MR, NV, NR = key
     V = VARIANTS[variant]
     NATIVE = V in NATIVE_VARIANTS
+
     sig = types.int64(
         types.Array(types.uint8, 2, "A"),
         types.Array(types.int8, 1, "C"),
@@ -589,14 +442,17 @@ def ceiling_kernel(key):
             out = np.empty((MR, NR), np.int32)
             init = np.zeros(NR, np.int32)
             scratch = np.empty(MR * NR, np.int32)
-            f1 = np.zeros(NR, np.float32)
-            z1 = np.zeros(NR, np.int32)
+            f1 = np.zeros(NR + PAD, np.float32)
+            z1 = np.zeros(NR + PAD, np.int32)
             rs = np.zeros(MR, np.int64)
-            zero = np.float32(0.0)
+            i0 = np.int32(0)
+            f0 = np.float32(0.0)
+            stage = OutputStage(z1, False, z1, f1, i0, f0, 255, z1, f1, False, f0, i0, 255)
+            p1, p2, s1, s2, s3 = lower(stage, f0, MODE_RAW, False)
             for _ in range(reps):
                 if NATIVE:
-                    _tile_fused(a, 0, lda, b, 0, NR * 4, kgroups, init, MR, out, 0, NR * 4, f1,
-                                f1, z1, rs, 0, zero, zero, zero, MR, NV, V, MODE_RAW)  # fmt: skip
+                    _tile_fused(a, 0, lda, b, 0, NR * 4, kgroups, init, MR, out, 0, NR * 4, p1,
+                                p2, z1, rs, 0, s1, s2, s3, MR, NV, V, MODE_RAW)  # fmt: skip
                 else:
                     _tile(a, 0, lda, b, 0, NR * 4, kgroups, scratch, init, MR, MR, NV, V)
         return 0

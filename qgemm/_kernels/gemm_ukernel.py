@@ -12,14 +12,16 @@ output stage to the registers and stores the tile:
   (FBGEMM's ``PackBMatrix`` grouping); k-groups ``bstride`` bytes apart from ``b_off``.
 * ``init`` (int32, ``NR``): starts every row's accumulators; the caller folds the per-column
   integer terms (``int bias - a_zp * colsum``) in there for free.
-* output stage (``MODE``): ``RAW`` stores the int32 accumulators; ``FLOAT`` stores
-  ``(raw - rs[row + r] * bzp[col + j]) * s1 * p1[col + j] + p2[col + j]`` then ``max(., s2)``
-  (FBGEMM's ``ReQuantizeForFloat``: ``s1`` = activation scale, ``p1`` = weight scales, ``p2``
-  = float bias, ``s2`` = 0 or -inf for ReLU); ``REQUANT`` stores uint8
+* output stage (``MODE``): the flat operands ``p1, p2, bzp, rs, s1, s2, s3`` that
+  :func:`qgemm._kernels.output_stage.lower` -- the one place -- makes from an
+  :class:`~qgemm._kernels.output_stage.OutputStage`.  ``RAW`` stores the int32 accumulators;
+  ``FLOAT`` stores ``(raw - rs[row + r] * bzp[col + j]) * s1 * p1[col + j] + p2[col + j]`` then
+  ``max(., s2)`` (FBGEMM's ``ReQuantizeForFloat``: ``s1`` = activation scale, ``p1`` = weight
+  scales, ``p2`` = float bias, ``s2`` = 0 or -inf for ReLU); ``REQUANT`` stores uint8
   ``clamp(rint((raw' + p1) * p2) + s1, s2, s3)`` (``ReQuantizeOutput``: ``p1`` = bias / (a_s *
   w_s), ``p2`` = a_s * w_s / out_s, ``s1`` = out zero point, ``[s2, s3]`` the clamp range).
   All float arithmetic in float32 in that order, ``rint`` = round half to even.  The per-column
-  vectors are read ``NR`` wide from ``col``: callers pad them.  Row ``r`` of the output is
+  vectors are read ``NR`` wide from ``col``: they are padded.  Row ``r`` of the output is
   ``o_off + r * ldo`` bytes into ``out``'s data.
 * ``MR``, ``NV``, ``VARIANT``, ``MODE`` are compile-time literals; ``mr`` is a run-time value:
   one fully unrolled tile per ``mr`` in ``1..MR`` behind a ``switch``.

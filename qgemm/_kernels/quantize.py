@@ -16,6 +16,72 @@ from .._cache import kernel_family
 
 _OUT_TYPES = {"uint8": numba.uint8, "int8": numba.int8}
 
+SMALL_SCALE_THRESHOLD = np.float32(6.1e-5)
+"""FBGEMM's ``SMALL_SCALE_THRESHOLD`` (QuantUtils.cc): smaller scales are raised to it."""
+
+
+@numba.njit(nogil=True, error_model="numpy")
+def choose_qparams_scalar(lo, hi, qmin, qmax):
+    """FBGEMM's ``ChooseQuantizationParams`` for one tensor or channel (asymmetric, no
+    sparsity / power-of-two options): ``(scale float32, zero_point int32)`` for data in
+    ``[lo, hi]`` and codes in ``[qmin, qmax]``.
+
+    The one implementation: :func:`qgemm.quantize.choose_qparams` runs it per channel through
+    :func:`choose_qparams_kernel`, the dynamic GEMM prologue calls it in-kernel.  The range is
+    widened to include 0 (in float32), ``scale = (max - min) / (qmax - qmin)`` (float64, then
+    float32; 0.1 when 0 or when its inverse overflows), raised to the small-scale threshold
+    (stretching the range), and the zero point taken from the end with the smaller error,
+    rounded half to even and clamped.
+    """
+    f0 = np.float32(0.0)
+    mn = np.float64(min(np.float32(lo), f0))
+    mx = np.float64(max(np.float32(hi), f0))
+    scale = np.float32((mx - mn) / (qmax - qmin))
+    if scale == 0 or np.isinf(np.float32(1.0) / scale):
+        scale = np.float32(0.1)
+    thr = SMALL_SCALE_THRESHOLD
+    if scale < thr:
+        amp = np.float32(thr / scale)
+        span = np.float64(thr) * (qmax - qmin)
+        if mn == 0:
+            mx = np.float64(np.float32(span))
+        elif mx == 0:
+            mn = np.float64(np.float32(-span))
+        else:
+            mn = np.float64(np.float32(mn * amp))
+            mx = np.float64(np.float32(mx * amp))
+        scale = thr
+    s64 = np.float64(scale)
+    zp_min = qmin - mn / s64
+    zp_max = qmax - mx / s64
+    err_min = abs(qmin) + abs(mn / s64)
+    err_max = abs(qmax) + abs(mx / s64)
+    init = zp_min if err_min < err_max else zp_max
+    zp = np.rint(init)
+    zp = min(max(zp, np.float64(qmin)), np.float64(qmax))
+    return scale, np.int32(zp)
+
+
+@kernel_family("choose_qparams")
+def choose_qparams_kernel(key):
+    """Key ``()``: :func:`choose_qparams_scalar` over per-channel ranges ``lo, hi`` (float64),
+    into ``scale`` (float32) and ``zero_point`` (int32)."""
+    sig = numba.void(
+        numba.float64[::1],
+        numba.float64[::1],
+        numba.int64,
+        numba.int64,
+        numba.float32[::1],
+        numba.int32[::1],
+    )
+
+    @numba.njit(sig, cache=True, nogil=True, error_model="numpy")
+    def choose(lo, hi, qmin, qmax, scale, zero_point):
+        for c in range(lo.shape[0]):
+            scale[c], zero_point[c] = choose_qparams_scalar(lo[c], hi[c], qmin, qmax)
+
+    return choose
+
 
 @kernel_family("quantize")
 def quantize_kernel(key):
@@ -88,7 +154,11 @@ def dequantize_kernel(key):
     in_t = _OUT_TYPES[in_name]
     loop = prange if parallel else range
     sig = numba.void(
-        in_t[::1], numba.float32[::1], numba.int32[::1], numba.int64, numba.int64,
+        in_t[::1],
+        numba.float32[::1],
+        numba.int32[::1],
+        numba.int64,
+        numba.int64,
         numba.float32[::1],
     )
 
@@ -151,8 +221,9 @@ def rowwise_codes_kernel(key):
     (bits,) = key
     per_byte = 8 // bits
     levels = (1 << bits) - 1
-    sig = numba.void(numba.float32[:, ::1], numba.float32[::1], numba.float32[::1],
-                     numba.uint8[:, ::1])
+    sig = numba.void(
+        numba.float32[:, ::1], numba.float32[::1], numba.float32[::1], numba.uint8[:, ::1]
+    )
 
     @numba.njit(sig, parallel=True, cache=True, nogil=True)
     def rowwise_codes(x, bias, inverse_scale, fused):

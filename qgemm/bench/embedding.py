@@ -6,7 +6,7 @@ Configs (rows, dim, bags, pooling) from the issue -- (1M, 64, 512, 40), (1M, 128
 bags of exactly ``pooling`` uniformly random rows, against torch in the same process
 (``F.embedding_bag`` for fp32, ``quantized::embedding_bag_{byte,4bit}_rowwise_offsets`` on the
 same fused bytes for the quantized tables), with the configured thread count for both,
-alternating rounds and a pause between runtimes (:func:`qgemm._benchtools.compare`), medians.
+alternating rounds and a pause between runtimes (:func:`qgemm.bench._timing.compare`), medians.
 
 Two variants per config, as FBGEMM's benchmark does with and without its cache flush:
 
@@ -28,13 +28,17 @@ from typing import Any
 
 import numpy as np
 
-from . import _config
-from ._benchtools import Table, compare, geomean, peer_torch
-from .embedding import embedding_bag
-from .quantize import quantize_rowwise
+from .. import _config
+from ..embedding import embedding_bag
+from ..quantize import quantize_rowwise
+from ._timing import Progress, Table, compare, geomean, peer_torch
 
-CONFIGS = [(1_000_000, 64, 512, 40), (1_000_000, 128, 2048, 20), (4_000_000, 64, 1024, 30),
-           (100_000, 32, 128, 100)]
+CONFIGS = [
+    (1_000_000, 64, 512, 40),
+    (1_000_000, 128, 2048, 20),
+    (4_000_000, 64, 1024, 30),
+    (100_000, 32, 128, 100),
+]
 QUICK_CONFIGS = [(200_000, 64, 512, 40), (100_000, 32, 128, 100)]
 KINDS = ("fp32", "8-bit", "4-bit")
 L3_BYTES = 32 << 20
@@ -105,7 +109,9 @@ def fresh_count(kind: str, dim: int, bags: int, pooling: int) -> int:
     return int(min(max(16, -(-4 * L3_BYTES // per_call)), 512))
 
 
-def contenders(tables: Tables, kind: str, sets: list, bags: int, pooling: int, torch) -> dict:
+def contenders(
+    tables: Tables, kind: str, sets: list, bags: int, pooling: int, torch: Any
+) -> dict[str, Callable[[], Any]]:
     """``{"qgemm": fn, "torch": fn}``; each call uses the next index set (one set = same)."""
     offsets = np.arange(bags, dtype=np.int64) * pooling
     table = tables.qgemm_table(kind)
@@ -128,8 +134,11 @@ def contenders(tables: Tables, kind: str, sets: list, bags: int, pooling: int, t
                 torch.nn.functional.embedding_bag(tsets[i], tw, toffs, mode="sum")
         else:
             fused = torch.from_numpy((tables.q8 if kind == "8-bit" else tables.q4).fused)
-            op = (torch.ops.quantized.embedding_bag_byte_rowwise_offsets if kind == "8-bit"
-                  else torch.ops.quantized.embedding_bag_4bit_rowwise_offsets)
+            op = (
+                torch.ops.quantized.embedding_bag_byte_rowwise_offsets
+                if kind == "8-bit"
+                else torch.ops.quantized.embedding_bag_4bit_rowwise_offsets
+            )
 
             def t() -> None:
                 i = state["t"] = (state["t"] + 1) % n
@@ -139,8 +148,9 @@ def contenders(tables: Tables, kind: str, sets: list, bags: int, pooling: int, t
     return fns
 
 
-def check_agreement(tables: Tables, kind: str, idx: np.ndarray, bags: int, pooling: int,
-                    torch) -> float:
+def check_agreement(
+    tables: Tables, kind: str, idx: np.ndarray, bags: int, pooling: int, torch: Any
+) -> float:
     """Max |qgemm - torch| on one call (sanity: the two compute the same thing)."""
     if torch is None:
         return NAN
@@ -148,12 +158,14 @@ def check_agreement(tables: Tables, kind: str, idx: np.ndarray, bags: int, pooli
     got = embedding_bag(tables.qgemm_table(kind), idx, offsets)
     ti, to = torch.from_numpy(idx), torch.from_numpy(offsets)
     if kind == "fp32":
-        want = torch.nn.functional.embedding_bag(ti, torch.from_numpy(tables.fp32), to,
-                                                 mode="sum")
+        want = torch.nn.functional.embedding_bag(ti, torch.from_numpy(tables.fp32), to, mode="sum")
     else:
         q = tables.q8 if kind == "8-bit" else tables.q4
-        op = (torch.ops.quantized.embedding_bag_byte_rowwise_offsets if kind == "8-bit"
-              else torch.ops.quantized.embedding_bag_4bit_rowwise_offsets)
+        op = (
+            torch.ops.quantized.embedding_bag_byte_rowwise_offsets
+            if kind == "8-bit"
+            else torch.ops.quantized.embedding_bag_4bit_rowwise_offsets
+        )
         want = op(torch.from_numpy(q.fused), ti, to, False, 0, False, None, None, False)
     return float(np.abs(got - want.numpy()).max())
 
@@ -163,15 +175,27 @@ def _step(progress, what: str) -> None:
         progress.step(what)
 
 
-def run(*, quick: bool = False, progress=None) -> list[Table]:
+def run(*, quick: bool = False, progress: Progress | None = None) -> list[Table]:
     torch = _torch()
     threads = _config.get_num_threads()
     configs = QUICK_CONFIGS if quick else CONFIGS
     rounds = 2 if quick else 3
     bw = memory_bandwidth(256 << 20 if quick else 1 << 30)
     _step(progress, "memory bandwidth")
-    cols = ["rows", "dim", "bags", "pool", "table", "indices", "qgemm µs", "torch µs",
-            "× torch", "target", "GB/s", "% of DRAM bw"]
+    cols = [
+        "rows",
+        "dim",
+        "bags",
+        "pool",
+        "table",
+        "indices",
+        "qgemm µs",
+        "torch µs",
+        "× torch",
+        "target",
+        "GB/s",
+        "% of DRAM bw",
+    ]
     rows_out: list[list[Any]] = []
     ratios: dict[str, list[float]] = {k: [] for k in KINDS}
     short: list[str] = []
@@ -183,8 +207,10 @@ def run(*, quick: bool = False, progress=None) -> list[Table]:
                 count = 1 if variant == "same" else fresh_count(kind, dim, bags, pooling)
                 sets = index_sets(rows, bags, pooling, count)
                 if variant == "same":
-                    worst_err = max(worst_err, check_agreement(tables, kind, sets[0], bags,
-                                                               pooling, torch) / pooling)
+                    worst_err = max(
+                        worst_err,
+                        check_agreement(tables, kind, sets[0], bags, pooling, torch) / pooling,
+                    )
                 fns = contenders(tables, kind, sets, bags, pooling, torch)
                 res = compare(fns, rounds=rounds, min_time=0.01 if quick else 0.02)
                 tq = res["qgemm"]
@@ -195,12 +221,28 @@ def run(*, quick: bool = False, progress=None) -> list[Table]:
                 label = variant
                 if variant == "fresh" and rows * row_bytes(kind, dim) <= L3_BYTES:
                     label = "fresh*"
-                rows_out.append([rows, dim, bags, pooling, kind, label, tq * 1e6, tt * 1e6,
-                                 ratio, f"≥{target:g}", gbs, 100 * gbs / bw])
+                rows_out.append(
+                    [
+                        rows,
+                        dim,
+                        bags,
+                        pooling,
+                        kind,
+                        label,
+                        tq * 1e6,
+                        tt * 1e6,
+                        ratio,
+                        f"≥{target:g}",
+                        gbs,
+                        100 * gbs / bw,
+                    ]
+                )
                 ratios[kind].append(ratio)
                 if ratio == ratio and ratio < target:
-                    short.append(f"{rows // 1000}k×{dim} b{bags} p{pooling} {kind} {variant}: "
-                                 f"{ratio:.2f}× (target {target:g}×)")
+                    short.append(
+                        f"{rows // 1000}k×{dim} b{bags} p{pooling} {kind} {variant}: "
+                        f"{ratio:.2f}× (target {target:g}×)"
+                    )
                 _step(progress, f"{rows}x{dim} {kind} {variant}")
         del tables
     notes = [
@@ -214,10 +256,16 @@ def run(*, quick: bool = False, progress=None) -> list[Table]:
         f"max |qgemm - torch| / pooling on the checked calls: {worst_err:.2e}",
     ]
     notes.append("short of target: " + ("; ".join(short) if short else "none"))
-    notes.append("on a busy machine a 2-thread call of either runtime can stall ~8 ms (an OpenMP "
-                 "worker waiting for a core): times near 8000 µs mean the run was disturbed")
-    main = Table(title="Embedding bag, mode=sum (qgemm.embedding_bag vs torch)", columns=cols,
-                 rows=rows_out, notes=notes)
+    notes.append(
+        "on a busy machine a 2-thread call of either runtime can stall ~8 ms (an OpenMP "
+        "worker waiting for a core): times near 8000 µs mean the run was disturbed"
+    )
+    main = Table(
+        title="Embedding bag, mode=sum (qgemm.embedding_bag vs torch)",
+        columns=cols,
+        rows=rows_out,
+        notes=notes,
+    )
     return [main, _latency_table(torch, quick, progress)]
 
 

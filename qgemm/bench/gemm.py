@@ -2,7 +2,7 @@
 ``asv_benchmarks/benchmarks/gemm.py`` uses the same helpers).
 
 FBGEMM's own benchmark shapes (M, N, K), timed in one process with 2 threads, alternating
-rounds with a pause between runtimes (:func:`qgemm._benchtools.compare`), medians:
+rounds with a pause between runtimes (:func:`qgemm.bench._timing.compare`), medians:
 
 * static: :func:`qgemm.gemm.quantized_linear` (uint8 output, float bias, ReLU) vs torch's
   ``quantized::linear_relu`` (engine fbgemm) and ONNX Runtime's ``QLinearMatMul`` (MLAS; no
@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from . import _config
-from ._benchtools import Table, compare, geomean, peer_torch
-from .gemm import linear, pack_weight, quantized_linear
-from .quantize import choose_qparams, quantize
+from .. import _config
+from ..gemm import linear, pack_weight, quantized_linear
+from ..quantize import choose_qparams, quantize
+from ._timing import Table, compare, geomean, peer_torch
 
 SHAPES = [
     (1, 128, 512),
@@ -82,21 +83,21 @@ class Case:
         self.out_f32 = np.empty((m, n), np.float32)
 
     # qgemm -----------------------------------------------------------------------------
-    def qgemm_static(self):
+    def qgemm_static(self) -> Callable[[], Any]:
         pw, xq, xqp, b, oqp, out = self.pw, self.xq, self.xqp, self.bias, self.oqp, self.out_u8
         return lambda: quantized_linear(xq, xqp, pw, b, relu=True, out_qparams=oqp, out=out)
 
-    def qgemm_dynamic(self):
+    def qgemm_dynamic(self) -> Callable[[], Any]:
         pw, x, b, out = self.pw, self.x, self.bias, self.out_f32
         return lambda: linear(x, pw, b, out=out)
 
-    def numpy_f32(self):
+    def numpy_f32(self) -> Callable[[], Any]:
         x, wt, b = self.x, np.ascontiguousarray(self.w.T), self.bias
         out = self.out_f32
         return lambda: np.add(np.matmul(x, wt, out=out), b, out=out)
 
     # torch -----------------------------------------------------------------------------
-    def torch_packed(self, torch):
+    def torch_packed(self, torch: Any) -> Any:
         if not hasattr(self, "_tpacked"):
             with warnings.catch_warnings():  # torch 2.13: quantized dtypes are deprecated
                 warnings.simplefilter("ignore")
@@ -111,7 +112,7 @@ class Case:
             self._tpacked = torch.ops.quantized.linear_prepack(qw, torch.from_numpy(self.bias))
         return self._tpacked
 
-    def torch_static(self, torch):
+    def torch_static(self, torch: Any) -> Callable[[], Any]:
         packed = self.torch_packed(torch)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -122,7 +123,7 @@ class Case:
         op = torch.ops.quantized.linear_relu
         return lambda: op(tx, packed, s, z)
 
-    def torch_dynamic(self, torch):
+    def torch_dynamic(self, torch: Any) -> Callable[[], Any]:
         packed = self.torch_packed(torch)
         tx = torch.from_numpy(self.x)
         op = torch.ops.quantized.linear_dynamic
@@ -147,19 +148,19 @@ class Case:
             model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
         )
 
-    def ort_static(self):
+    def ort_static(self) -> Callable[[], Any]:
         from onnx import TensorProto, helper, numpy_helper
 
         m, n, k = self.shape
         codes = self.pw.unpack()
         inits = [
-            numpy_helper.from_array(np.float32(self.xqp.scale).reshape(()), "a_scale"),
-            numpy_helper.from_array(np.uint8(self.xqp.zero_point).reshape(()), "a_zp"),
+            numpy_helper.from_array(np.asarray(self.xqp.scale, np.float32), "a_scale"),
+            numpy_helper.from_array(np.asarray(self.xqp.zero_point, np.uint8), "a_zp"),
             numpy_helper.from_array(np.ascontiguousarray(codes.T), "b"),
             numpy_helper.from_array(self.pw.scale.astype(np.float32), "b_scale"),
             numpy_helper.from_array(np.zeros(n, np.int8), "b_zp"),
-            numpy_helper.from_array(np.float32(self.oqp.scale).reshape(()), "y_scale"),
-            numpy_helper.from_array(np.uint8(self.oqp.zero_point).reshape(()), "y_zp"),
+            numpy_helper.from_array(np.asarray(self.oqp.scale, np.float32), "y_scale"),
+            numpy_helper.from_array(np.asarray(self.oqp.zero_point, np.uint8), "y_zp"),
         ]
         node = helper.make_node(
             "QLinearMatMul",
@@ -177,7 +178,7 @@ class Case:
         feed = {"a": self.xq}
         return lambda: sess.run(None, feed)
 
-    def ort_dynamic(self):
+    def ort_dynamic(self) -> Callable[[], Any]:
         from onnx import TensorProto, helper, numpy_helper
 
         m, n, k = self.shape
@@ -209,7 +210,7 @@ class Case:
 def int8_ceiling(seconds: float = 0.3) -> float:
     """GOPS (2 ops per multiply-add) of this machine's int8 register tile on L1-resident data,
     all qgemm threads: the VNNI 6x64 tile, or the AVX2 4x16 tile (``vpmaddubsw``)."""
-    from ._kernels.gemm import ceiling_kernel
+    from .._kernels.gemm import ceiling_kernel
 
     isa = _config.get_isa()
     if isa == "avx512vnni":
@@ -240,7 +241,7 @@ def int8_ceiling(seconds: float = 0.3) -> float:
     return 2.0 * threads * reps * mr * nr * 4 * kg / best / 1e9
 
 
-def pack_times(shapes, torch) -> Table:
+def pack_times(shapes: Sequence[tuple[int, int, int]], torch: Any) -> Table:
     """Pack time of qgemm vs torch's ``linear_prepack`` (quantized weight given)."""
     rows = []
     for m, n, k in shapes:

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 PAUSE_SECONDS = 0.15
 
@@ -86,9 +86,7 @@ class Table:
             return "-" if v is None else str(v)
 
         cells = [[fmt(v) for v in r] for r in self.rows]
-        widths = [
-            max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(self.columns)
-        ]
+        widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(self.columns)]
         line = "  ".join(c.rjust(w) for c, w in zip(self.columns, widths, strict=True))
         out = [self.title, line, "-" * len(line)]
         out += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
@@ -106,7 +104,9 @@ def geomean(values: Sequence[float]) -> float:
 class Progress:
     """A minimal progress bar on stderr (no dependency); silent when ``enabled`` is False."""
 
-    def __init__(self, total: int, label: str = "", enabled: bool = True, stream=None):
+    def __init__(
+        self, total: int, label: str = "", enabled: bool = True, stream: TextIO | None = None
+    ):
         self.total = max(1, total)
         self.done = 0
         self.label = label
@@ -137,14 +137,14 @@ class Progress:
             self.stream.flush()
 
 
-def peer_torch():
+def peer_torch() -> Any:
     """torch set up as the peer (engine ``fbgemm``, qgemm's thread count), or None when it is
     not installed."""
     try:
         import torch
     except ImportError:
         return None
-    from . import _config
+    from .. import _config
 
     torch.backends.quantized.engine = "fbgemm"
     torch.set_num_threads(_config.get_num_threads())

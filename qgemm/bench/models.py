@@ -19,7 +19,7 @@ implementations on the same weights and the same requests:
 
 Fresh indices per call (a cycle of 16 prepared batches; the tables are far larger than the
 L3), same thread count for qgemm and torch, alternating rounds with pauses
-(:func:`qgemm._benchtools.compare`), medians per batch.  The accuracy columns give max
+(:func:`qgemm.bench._timing.compare`), medians per batch.  The accuracy columns give max
 |Δ prediction| of each int8 implementation against the numpy float32 model on one batch.
 """
 
@@ -28,13 +28,15 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import numpy as np
 
-from . import _config
-from ._benchtools import PAUSE_SECONDS, Table, compare, geomean, peer_torch
-from .models import DLRM, PARTS, add_part_times
+from .. import _config
+from ..models import DLRM, PARTS, add_part_times
+from ..quantize import RowwiseQuantizedTable
+from ._timing import PAUSE_SECONDS, Progress, Table, compare, geomean, peer_torch
 
 BATCHES = [1, 16, 128, 512]
 QUICK_BATCHES = [1, 128]
@@ -46,15 +48,17 @@ NAN = float("nan")
 _torch = peer_torch
 
 
-def build(rows: int = ROWS, *, tables: int = 8, dim: int = 64, seed: int = 0
-          ) -> tuple[DLRM, DLRM]:
+def build(rows: int = ROWS, *, tables: int = 8, dim: int = 64, seed: int = 0) -> tuple[DLRM, DLRM]:
     """The float model and its int8 conversion (the main job's default architecture)."""
-    model = DLRM.random(tables=tables, rows=rows, dim=dim, bottom=(13, 512, 256, dim),
-                        top=(512, 256, 1), seed=seed)
+    model = DLRM.random(
+        tables=tables, rows=rows, dim=dim, bottom=(13, 512, 256, dim), top=(512, 256, 1), seed=seed
+    )
     return model, model.quantize(bits=8)
 
 
-def requests(model: DLRM, batch: int, count: int = 16, pooling: int = 20, seed: int = 1):
+def requests(
+    model: DLRM, batch: int, count: int = 16, pooling: int = 20, seed: int = 1
+) -> list[tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]]:
     """``count`` synthetic batches ``(dense, indices, offsets)``."""
     return [model.random_inputs(batch, pooling=pooling, seed=seed + i) for i in range(count)]
 
@@ -88,8 +92,9 @@ class TorchDLRM:
 
         self.bottom = layers(model.bottom)
         self.top = layers(model.top)
-        if self.int8:
-            self.tables = [torch.from_numpy(t.fused) for t in qmodel.tables]
+        if qmodel is not None:
+            qtables = cast("list[RowwiseQuantizedTable]", qmodel.tables)  # an int8 model's
+            self.tables = [torch.from_numpy(t.fused) for t in qtables]
         else:
             self.tables = [torch.from_numpy(t) for t in model.tables]
 
@@ -107,14 +112,19 @@ class TorchDLRM:
                     x = torch.relu(x)
         return x
 
-    def prepare(self, batch):
+    def prepare(self, batch: tuple[Any, Any, Any]) -> tuple[Any, list[Any], list[Any]]:
         """Torch tensors of a numpy request (done once, outside the timed region)."""
         torch = self.torch
         dense, indices, offsets = batch
-        return (torch.from_numpy(dense), [torch.from_numpy(i) for i in indices],
-                [torch.from_numpy(o) for o in offsets])
+        return (
+            torch.from_numpy(dense),
+            [torch.from_numpy(i) for i in indices],
+            [torch.from_numpy(o) for o in offsets],
+        )
 
-    def predict(self, dense, indices, offsets, *, timings=None):
+    def predict(
+        self, dense: Any, indices: Any, offsets: Any, *, timings: dict[str, float] | None = None
+    ) -> Any:
         torch = self.torch
         clock = time.perf_counter
         with torch.no_grad():
@@ -122,12 +132,17 @@ class TorchDLRM:
             x = self._mlp(self.bottom, dense, True)
             t1 = clock()
             if self.int8:
-                ly = [torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
-                    t, i, o, False, 0, False, None, None, False)
-                    for t, i, o in zip(self.tables, indices, offsets, strict=True)]
+                ly = [
+                    torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
+                        t, i, o, False, 0, False, None, None, False
+                    )
+                    for t, i, o in zip(self.tables, indices, offsets, strict=True)
+                ]
             else:
-                ly = [torch.nn.functional.embedding_bag(i, t, o, mode="sum")
-                      for t, i, o in zip(self.tables, indices, offsets, strict=True)]
+                ly = [
+                    torch.nn.functional.embedding_bag(i, t, o, mode="sum")
+                    for t, i, o in zip(self.tables, indices, offsets, strict=True)
+                ]
             t2 = clock()
             b, d = x.shape
             t = torch.cat([x] + ly, dim=1).view((b, -1, d))
@@ -140,11 +155,12 @@ class TorchDLRM:
         return p
 
 
-def contenders(model: DLRM, qmodel: DLRM, log: list, torch: Any,
-               tf: TorchDLRM | None, tq: TorchDLRM | None) -> dict[str, Any]:
+def contenders(
+    model: DLRM, qmodel: DLRM, log: list, torch: Any, tf: TorchDLRM | None, tq: TorchDLRM | None
+) -> dict[str, Any]:
     """Callables running one request each, cycling through ``log``."""
 
-    def cycler(fn, batches):
+    def cycler(fn: Callable[..., Any], batches: list[Any]) -> Callable[[], Any]:
         state = {"i": 0}
 
         def call():
@@ -167,15 +183,25 @@ def _step(progress, what: str) -> None:
         progress.step(what)
 
 
-def run(*, quick: bool = False, progress=None) -> list[Table]:
+def run(*, quick: bool = False, progress: Progress | None = None) -> list[Table]:
     torch = _torch()
     rows = QUICK_ROWS if quick else ROWS
     model, qmodel = build(rows)
     tf = TorchDLRM(torch, model) if torch is not None else None
     tq = TorchDLRM(torch, model, qmodel) if torch is not None else None
     _step(progress, "DLRM models built")
-    cols = ["batch", "qgemm int8 ms", "numpy fp32 ms", "torch fp32 ms", "torch int8 ms",
-            "× numpy fp32", "× torch fp32", "× torch int8", "qgemm |Δp|", "torch int8 |Δp|"]
+    cols = [
+        "batch",
+        "qgemm int8 ms",
+        "numpy fp32 ms",
+        "torch fp32 ms",
+        "torch int8 ms",
+        "× numpy fp32",
+        "× torch fp32",
+        "× torch int8",
+        "qgemm |Δp|",
+        "torch int8 |Δp|",
+    ]
     out_rows = []
     ratios: dict[str, list[float]] = {"numpy fp32": [], "torch fp32": [], "torch int8": []}
     for batch in QUICK_BATCHES if quick else BATCHES:
@@ -183,13 +209,14 @@ def run(*, quick: bool = False, progress=None) -> list[Table]:
         ref = model.predict(*log[0]).reshape(-1)
         err_q = float(np.abs(qmodel.predict(*log[0]).reshape(-1) - ref).max())
         err_t = NAN
-        if torch is not None:
-            err_t = float(np.abs(tq.predict(*tq.prepare(log[0])).numpy().reshape(-1)
-                                 - ref).max())
-        res = compare(contenders(model, qmodel, log, torch, tf, tq),
-                      rounds=2 if quick else 3, min_time=0.02 if quick else 0.05)
-        t = {k: res.get(k, NAN) for k in ("qgemm int8", "numpy fp32", "torch fp32",
-                                          "torch int8")}
+        if tq is not None:
+            err_t = float(np.abs(tq.predict(*tq.prepare(log[0])).numpy().reshape(-1) - ref).max())
+        res = compare(
+            contenders(model, qmodel, log, torch, tf, tq),
+            rounds=2 if quick else 3,
+            min_time=0.02 if quick else 0.05,
+        )
+        t = {k: res.get(k, NAN) for k in ("qgemm int8", "numpy fp32", "torch fp32", "torch int8")}
         row = [batch] + [t[k] * 1e3 for k in t]
         for k in ratios:
             ratios[k].append(t[k] / t["qgemm int8"])
@@ -212,18 +239,32 @@ def run(*, quick: bool = False, progress=None) -> list[Table]:
     return [split_first_table(out_rows, cols, notes), split]
 
 
-def split_first_table(out_rows, cols, notes) -> Table:
-    return Table(title="DLRM inference per batch (qgemm int8 vs numpy / torch fp32 and "
-                        "torch int8 = FBGEMM)", columns=cols, rows=out_rows, notes=notes)
+def split_first_table(out_rows: list[list[Any]], cols: list[str], notes: list[str]) -> Table:
+    return Table(
+        title="DLRM inference per batch (qgemm int8 vs numpy / torch fp32 and torch int8 = FBGEMM)",
+        columns=cols,
+        rows=out_rows,
+        notes=notes,
+    )
 
 
-def split_table(model: DLRM, qmodel: DLRM, torch: Any, tf: TorchDLRM | None,
-                tq: TorchDLRM | None, batch: int, quick: bool, progress) -> Table:
+def split_table(
+    model: DLRM,
+    qmodel: DLRM,
+    torch: Any,
+    tf: TorchDLRM | None,
+    tq: TorchDLRM | None,
+    batch: int,
+    quick: bool,
+    progress: Progress | None,
+) -> Table:
     """Median ms per part (``predict(..., timings=...)``) of each implementation at one batch
     size: blocks of calls, implementations alternating, a pause between blocks."""
     log = requests(model, batch)
-    impls: dict[str, tuple[Any, list]] = {"qgemm int8": (qmodel.predict, log),
-                                          "numpy fp32": (model.predict, log)}
+    impls: dict[str, tuple[Any, list]] = {
+        "qgemm int8": (qmodel.predict, log),
+        "numpy fp32": (model.predict, log),
+    }
     if torch is not None and tf is not None and tq is not None:
         tlog = [tf.prepare(b) for b in log]
         impls["torch fp32"] = (tf.predict, tlog)
@@ -246,13 +287,13 @@ def split_table(model: DLRM, qmodel: DLRM, torch: Any, tf: TorchDLRM | None,
     for name, got in samples.items():
         total = statistics.median(lat for lat, _ in got)
         parts = [statistics.median(t[p] for _, t in got) for p in PARTS]
-        rows.append([name, total * 1e3] + [p * 1e3 for p in parts]
-                    + [f"{parts[0] / sum(parts):.0%}"])
+        rows.append(
+            [name, total * 1e3] + [p * 1e3 for p in parts] + [f"{parts[0] / sum(parts):.0%}"]
+        )
     _step(progress, f"DLRM time split batch {batch}")
     return Table(
         title=f"DLRM time split per batch of {batch} (median ms per part)",
-        columns=["impl", "total ms", "embedding ms", "mlp ms", "interaction ms",
-                 "embedding share"],
+        columns=["impl", "total ms", "embedding ms", "mlp ms", "interaction ms", "embedding share"],
         rows=rows,
         notes=["parts timed inside predict (torch: the same points in DLRM_Net's forward)"],
     )

@@ -33,7 +33,7 @@ import sys
 import time
 from typing import Any
 
-DEFAULTS = {
+DEFAULTS: dict[str, Any] = {
     "batch": 128,
     "tables": 8,
     "rows": 1_000_000,
@@ -65,8 +65,9 @@ def _positive(kind):
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got "
-                                             f"{text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected a positive {kind.__name__}, got {text!r}"
+            ) from None
         if not v > 0:
             raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
         return v
@@ -75,8 +76,12 @@ def _positive(kind):
     return parse
 
 
-_BLAS_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                 "openblas_set_num_threads64_", "openblas_set_num_threads")
+_BLAS_SETTERS = (
+    "scipy_openblas_set_num_threads64_",
+    "scipy_openblas_set_num_threads",
+    "openblas_set_num_threads64_",
+    "openblas_set_num_threads",
+)
 
 
 def _set_blas_threads(n: int) -> str:
@@ -87,8 +92,13 @@ def _set_blas_threads(n: int) -> str:
 
     try:
         with open("/proc/self/maps") as f:
-            libs = sorted({ln.split()[-1] for ln in f if "openblas" in ln.lower()
-                           and ln.split()[-1].startswith("/")})
+            libs = sorted(
+                {
+                    ln.split()[-1]
+                    for ln in f
+                    if "openblas" in ln.lower() and ln.split()[-1].startswith("/")
+                }
+            )
     except OSError:
         libs = []
     for path in libs:
@@ -118,50 +128,114 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the main job's options to the top-level parser of ``python -m qgemm``."""
     d = DEFAULTS
     g = parser.add_argument_group("main job (DLRM inference, float32 vs int8)")
-    g.add_argument("--batch", type=_positive(int), default=d["batch"],
-                   help=f"samples per batch (default {d['batch']})")
-    g.add_argument("--tables", type=_positive(int), default=d["tables"],
-                   help=f"embedding tables = sparse features (default {d['tables']})")
-    g.add_argument("--rows", type=_positive(int), default=d["rows"],
-                   help=f"rows per table (default {d['rows']:,})")
-    g.add_argument("--dim", type=_positive(int), default=d["dim"],
-                   help=f"embedding dimension, also the bottom MLP's output (default {d['dim']})")
-    g.add_argument("--pooling", type=_positive(int), default=d["pooling"],
-                   help=f"mean lookups per bag; lengths uniform in 1..2*P-1 "
-                        f"(default {d['pooling']})")
-    g.add_argument("--bottom", type=_sizes, default=_sizes(d["bottom"]), metavar="SIZES",
-                   help=f"dense features and hidden sizes of the bottom MLP; its output is "
-                        f"--dim (default {d['bottom']})")
-    g.add_argument("--top", type=_sizes, default=_sizes(d["top"]), metavar="SIZES",
-                   help=f"top MLP output sizes; its input is dim + n(n-1)/2 "
-                        f"(default {d['top']})")
-    g.add_argument("--bits", type=int, choices=(8, 4, 2), default=d["bits"],
-                   help="bits per quantized table element (linear layers are always int8; "
-                        f"default {d['bits']})")
-    g.add_argument("--threads", type=_positive(int), default=None,
-                   help="threads for qgemm's kernels and (OpenBLAS) numpy's matmuls "
-                        "(default: all cores)")
-    g.add_argument("--batches", type=_positive(int), default=d["batches"],
-                   help=f"distinct batches in the synthetic click log (default {d['batches']})")
-    g.add_argument("--seconds", type=_positive(float), default=d["seconds"],
-                   help=f"timing budget per model in seconds (default {d['seconds']})")
-    g.add_argument("--rounds", type=_positive(int), default=d["rounds"],
-                   help=f"alternating float/int8 timing rounds (default {d['rounds']})")
-    g.add_argument("--topk", type=_positive(int), default=d["topk"],
-                   help=f"k of the per-batch top-k ranking agreement (default {d['topk']})")
-    g.add_argument("--seed", type=_nonnegative_int, default=d["seed"],
-                   help=f"seed of weights and click log (default {d['seed']})")
-    g.add_argument("--model", metavar="NPZ", default=None,
-                   help="run a saved float model (DLRM.save / a facebookresearch/dlrm "
-                        "state_dict as .npz) instead of a random one; its sizes override "
-                        "--tables/--rows/--dim/--bottom/--top")
-    g.add_argument("--json", action="store_true",
-                   help="stdout carries exactly one JSON document (progress stays on stderr)")
+    g.add_argument(
+        "--batch",
+        type=_positive(int),
+        default=d["batch"],
+        help=f"samples per batch (default {d['batch']})",
+    )
+    g.add_argument(
+        "--tables",
+        type=_positive(int),
+        default=d["tables"],
+        help=f"embedding tables = sparse features (default {d['tables']})",
+    )
+    g.add_argument(
+        "--rows",
+        type=_positive(int),
+        default=d["rows"],
+        help=f"rows per table (default {d['rows']:,})",
+    )
+    g.add_argument(
+        "--dim",
+        type=_positive(int),
+        default=d["dim"],
+        help=f"embedding dimension, also the bottom MLP's output (default {d['dim']})",
+    )
+    g.add_argument(
+        "--pooling",
+        type=_positive(int),
+        default=d["pooling"],
+        help=f"mean lookups per bag; lengths uniform in 1..2*P-1 (default {d['pooling']})",
+    )
+    g.add_argument(
+        "--bottom",
+        type=_sizes,
+        default=_sizes(d["bottom"]),
+        metavar="SIZES",
+        help=f"dense features and hidden sizes of the bottom MLP; its output is "
+        f"--dim (default {d['bottom']})",
+    )
+    g.add_argument(
+        "--top",
+        type=_sizes,
+        default=_sizes(d["top"]),
+        metavar="SIZES",
+        help=f"top MLP output sizes; its input is dim + n(n-1)/2 (default {d['top']})",
+    )
+    g.add_argument(
+        "--bits",
+        type=int,
+        choices=(8, 4, 2),
+        default=d["bits"],
+        help="bits per quantized table element (linear layers are always int8; "
+        f"default {d['bits']})",
+    )
+    g.add_argument(
+        "--threads",
+        type=_positive(int),
+        default=None,
+        help="threads for qgemm's kernels and (OpenBLAS) numpy's matmuls (default: all cores)",
+    )
+    g.add_argument(
+        "--batches",
+        type=_positive(int),
+        default=d["batches"],
+        help=f"distinct batches in the synthetic click log (default {d['batches']})",
+    )
+    g.add_argument(
+        "--seconds",
+        type=_positive(float),
+        default=d["seconds"],
+        help=f"timing budget per model in seconds (default {d['seconds']})",
+    )
+    g.add_argument(
+        "--rounds",
+        type=_positive(int),
+        default=d["rounds"],
+        help=f"alternating float/int8 timing rounds (default {d['rounds']})",
+    )
+    g.add_argument(
+        "--topk",
+        type=_positive(int),
+        default=d["topk"],
+        help=f"k of the per-batch top-k ranking agreement (default {d['topk']})",
+    )
+    g.add_argument(
+        "--seed",
+        type=_nonnegative_int,
+        default=d["seed"],
+        help=f"seed of weights and click log (default {d['seed']})",
+    )
+    g.add_argument(
+        "--model",
+        metavar="NPZ",
+        default=None,
+        help="run a saved float model (DLRM.save / a facebookresearch/dlrm "
+        "state_dict as .npz) instead of a random one; its sizes override "
+        "--tables/--rows/--dim/--bottom/--top",
+    )
+    g.add_argument(
+        "--json",
+        action="store_true",
+        help="stdout carries exactly one JSON document (progress stays on stderr)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
-def _time_block(model, log, start: int, seconds: float, lat: list, parts: list,
-                min_calls: int = 3) -> int:
+def _time_block(
+    model, log, start: int, seconds: float, lat: list, parts: list, min_calls: int = 3
+) -> int:
     """Run batches from ``log`` (cycling from ``start``) for ``seconds`` (at least
     ``min_calls``), recording per-call latency and per-part seconds; returns the next
     position.  Time-bounded rather than count-bounded, so a busy machine (slow tail calls)
@@ -172,7 +246,7 @@ def _time_block(model, log, start: int, seconds: float, lat: list, parts: list,
     c = 0
     while c < min_calls or clock() < end:
         dense, idx, off = log[(start + c) % n]
-        t = {}
+        t: dict[str, float] = {}
         t0 = clock()
         model.predict(dense, idx, off, timings=t)
         lat.append(clock() - t0)
@@ -182,16 +256,19 @@ def _time_block(model, log, start: int, seconds: float, lat: list, parts: list,
 
 
 def _summary(lat: list[float], parts: list[dict], batch: int) -> dict[str, Any]:
-    from .models import PARTS
+    from ..models import PARTS
 
     med = statistics.median(lat)
     out: dict[str, Any] = {}
     for p in PARTS:
         out[p] = statistics.median(t[p] for t in parts) * 1e3
     # validation, allocation, sigmoid: the per-call remainder, then its median
-    out["other"] = statistics.median(
-        max(0.0, lt - sum(t[p] for p in PARTS)) for lt, t in zip(lat, parts, strict=True)
-    ) * 1e3
+    out["other"] = (
+        statistics.median(
+            max(0.0, lt - sum(t[p] for p in PARTS)) for lt, t in zip(lat, parts, strict=True)
+        )
+        * 1e3
+    )
     out["latency"] = med * 1e3
     lat_sorted = sorted(lat)
     out["latency_p90"] = lat_sorted[min(len(lat) - 1, int(0.9 * len(lat)))] * 1e3
@@ -209,8 +286,8 @@ def _accuracy(pf, pq, batch: int, k: int) -> dict[str, Any]:
     overlaps, top1 = [], []
     kk = min(k, batch)
     for b0 in range(0, pf.shape[0] - batch + 1, batch):
-        f = pf[b0:b0 + batch]
-        q = pq[b0:b0 + batch]
+        f = pf[b0 : b0 + batch]
+        q = pq[b0 : b0 + batch]
         top_f = set(np.argsort(-f, kind="stable")[:kk].tolist())
         top_q = set(np.argsort(-q, kind="stable")[:kk].tolist())
         overlaps.append(len(top_f & top_q) / kk)
@@ -237,15 +314,18 @@ def run(args: argparse.Namespace) -> int:
     import numba
     import numpy as np
 
-    from . import _config
-    from ._benchtools import PAUSE_SECONDS, Progress
-    from .models import DLRM, PARTS
+    from .. import _config
+    from ..models import DLRM, PARTS
+    from ._timing import PAUSE_SECONDS, Progress
 
     blas = "numpy BLAS default threads"
     if args.threads:
-        if args.threads > numba.config.NUMBA_NUM_THREADS:
-            print(f"--threads: at most {numba.config.NUMBA_NUM_THREADS} on this "
-                  f"machine, got {args.threads}", file=sys.stderr)
+        max_threads = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+        if args.threads > max_threads:
+            print(
+                f"--threads: at most {max_threads} on this machine, got {args.threads}",
+                file=sys.stderr,
+            )
             return 2
         _config.set_num_threads(args.threads)
         blas = _set_blas_threads(args.threads)
@@ -253,8 +333,7 @@ def run(args: argparse.Namespace) -> int:
     if len(bottom) < 2:
         print("--bottom: expected at least the dense-feature count", file=sys.stderr)
         return 2
-    progress = Progress(5 + 2 * args.rounds, label="qgemm main job",
-                        enabled=not args.no_progress)
+    progress = Progress(5 + 2 * args.rounds, label="qgemm main job", enabled=not args.no_progress)
     build: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -267,8 +346,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"--model: cannot load {args.model!r}: {exc}", file=sys.stderr)
             return 2
     else:
-        model = DLRM.random(tables=args.tables, rows=args.rows, dim=args.dim, bottom=bottom,
-                            top=args.top, seed=args.seed)
+        model = DLRM.random(
+            tables=args.tables,
+            rows=args.rows,
+            dim=args.dim,
+            bottom=bottom,
+            top=args.top,
+            seed=args.seed,
+        )
     build["model"] = time.perf_counter() - t0
 
     progress.step(f"converting to int8 ({args.bits}-bit tables)")
@@ -278,8 +363,10 @@ def run(args: argparse.Namespace) -> int:
 
     progress.step("generating the click log")
     t0 = time.perf_counter()
-    log = [model.random_inputs(args.batch, pooling=args.pooling, seed=args.seed + 1 + i)
-           for i in range(args.batches)]
+    log = [
+        model.random_inputs(args.batch, pooling=args.pooling, seed=args.seed + 1 + i)
+        for i in range(args.batches)
+    ]
     build["click_log"] = time.perf_counter() - t0
 
     progress.step("compiling / loading kernels")
@@ -297,8 +384,7 @@ def run(args: argparse.Namespace) -> int:
     for r in range(args.rounds):
         for name in ("float32", "int8"):
             time.sleep(PAUSE_SECONDS)
-            pos[name] = _time_block(models[name], log, pos[name], block, lat[name],
-                                    parts[name])
+            pos[name] = _time_block(models[name], log, pos[name], block, lat[name], parts[name])
             progress.step(f"round {r + 1}/{args.rounds}: {name}")
     summ = {k: _summary(lat[k], parts[k], args.batch) for k in lat}
 
@@ -309,8 +395,9 @@ def run(args: argparse.Namespace) -> int:
     progress.close()
 
     mem = {"float32": model.memory(), "int8": qmodel.memory()}
-    speedup = {p: summ["float32"][p] / summ["int8"][p] if summ["int8"][p] > 0 else None
-               for p in PARTS}
+    speedup = {
+        p: summ["float32"][p] / summ["int8"][p] if summ["int8"][p] > 0 else None for p in PARTS
+    }
     speedup["total"] = summ["float32"]["latency"] / summ["int8"]["latency"]
     info = {
         "cpu": _config.cpu_name(),
@@ -323,11 +410,17 @@ def run(args: argparse.Namespace) -> int:
     rows = sorted(set(model.rows))
     config = {
         "model": args.model or "random",
-        "batch": args.batch, "tables": model.num_tables,
-        "rows": rows[0] if len(rows) == 1 else list(model.rows), "dim": model.dim,
-        "pooling": args.pooling, "bottom": list(model.bottom_sizes),
-        "top": list(model.top_sizes), "bits": args.bits, "batches": args.batches,
-        "seed": args.seed, "lookups_per_batch": int(sum(i.size for i in log[0][1])),
+        "batch": args.batch,
+        "tables": model.num_tables,
+        "rows": rows[0] if len(rows) == 1 else list(model.rows),
+        "dim": model.dim,
+        "pooling": args.pooling,
+        "bottom": list(model.bottom_sizes),
+        "top": list(model.top_sizes),
+        "bits": args.bits,
+        "batches": args.batches,
+        "seed": args.seed,
+        "lookups_per_batch": int(sum(i.size for i in log[0][1])),
     }
     if args.json:
         doc = {
@@ -358,46 +451,64 @@ def _mib(n: int) -> str:
 
 
 def _print_report(config, info, build, summ, speedup, mem, acc) -> None:
-    from .models import PARTS
+    from ..models import PARTS
 
     f, q = summ["float32"], summ["int8"]
     c = config
     print("qgemm main job: DLRM-style inference, float32 (numpy) vs int8 (qgemm)")
     rows = f"{c['rows']:,}" if isinstance(c["rows"], int) else "/".join(map(str, c["rows"]))
     src = "" if c["model"] == "random" else f" from {c['model']}"
-    print(f"model    {c['tables']} tables x {rows} rows x dim {c['dim']}{src} "
-          f"({c['bits']}-bit rows when quantized), bottom MLP "
-          f"{'-'.join(map(str, c['bottom']))}, top MLP {'-'.join(map(str, c['top']))}, "
-          f"~{c['pooling']} lookups per bag")
-    print(f"machine  {info['cpu']} | isa {info['isa']} | qgemm threads {info['threads']} | "
-          f"numba {info['numba']} | numpy {info['numpy']} | {info['blas']}")
-    print(f"built    model {build['model']:.2f} s, int8 conversion {build['quantize']:.2f} s, "
-          f"click log {build['click_log']:.2f} s ({c['batches']} batches x {c['batch']}, "
-          f"{c['lookups_per_batch']:,} lookups each), kernels {build['warmup']:.2f} s")
+    print(
+        f"model    {c['tables']} tables x {rows} rows x dim {c['dim']}{src} "
+        f"({c['bits']}-bit rows when quantized), bottom MLP "
+        f"{'-'.join(map(str, c['bottom']))}, top MLP {'-'.join(map(str, c['top']))}, "
+        f"~{c['pooling']} lookups per bag"
+    )
+    print(
+        f"machine  {info['cpu']} | isa {info['isa']} | qgemm threads {info['threads']} | "
+        f"numba {info['numba']} | numpy {info['numpy']} | {info['blas']}"
+    )
+    print(
+        f"built    model {build['model']:.2f} s, int8 conversion {build['quantize']:.2f} s, "
+        f"click log {build['click_log']:.2f} s ({c['batches']} batches x {c['batch']}, "
+        f"{c['lookups_per_batch']:,} lookups each), kernels {build['warmup']:.2f} s"
+    )
     print()
     w = 26
-    print(f"{'per batch of ' + str(c['batch']):<{w}}{'float32 (numpy)':>18}{'int8 (qgemm)':>18}"
-          f"{'speed-up':>10}")
+    print(
+        f"{'per batch of ' + str(c['batch']):<{w}}{'float32 (numpy)':>18}{'int8 (qgemm)':>18}"
+        f"{'speed-up':>10}"
+    )
     print("-" * (w + 46))
-    print(f"{'latency, median':<{w}}{f['latency']:>15.3f} ms{q['latency']:>15.3f} ms"
-          f"{speedup['total']:>9.2f}x")
+    print(
+        f"{'latency, median':<{w}}{f['latency']:>15.3f} ms{q['latency']:>15.3f} ms"
+        f"{speedup['total']:>9.2f}x"
+    )
     print(f"{'latency, p90':<{w}}{f['latency_p90']:>15.3f} ms{q['latency_p90']:>15.3f} ms")
     print(f"{'throughput':<{w}}{f['throughput']:>11,.0f} smp/s{q['throughput']:>11,.0f} smp/s")
     for p in (*PARTS, "other"):
         sp = f"{speedup[p]:>9.2f}x" if p in speedup and speedup[p] else ""
-        print(f"{'  ' + p:<{w}}{f[p]:>8.3f} ms ({f['share'][p]:>4.0%})"
-              f"{q[p]:>8.3f} ms ({q['share'][p]:>4.0%}){sp}")
+        print(
+            f"{'  ' + p:<{w}}{f[p]:>8.3f} ms ({f['share'][p]:>4.0%})"
+            f"{q[p]:>8.3f} ms ({q['share'][p]:>4.0%}){sp}"
+        )
     print(f"{'(timed calls)':<{w}}{f['calls']:>18}{q['calls']:>18}")
     print()
     mf, mq = mem["float32"], mem["int8"]
-    print(f"{'memory':<{w}}{_mib(mf['total']):>18}{_mib(mq['total']):>18}"
-          f"{mf['total'] / mq['total']:>8.2f}x smaller")
+    print(
+        f"{'memory':<{w}}{_mib(mf['total']):>18}{_mib(mq['total']):>18}"
+        f"{mf['total'] / mq['total']:>8.2f}x smaller"
+    )
     for p in ("embedding", "mlp"):
         print(f"{'  ' + p:<{w}}{_mib(mf[p]):>18}{_mib(mq[p]):>18}{mf[p] / mq[p]:>9.2f}x")
     print()
-    print(f"accuracy over {acc['predictions']:,} predictions (float32 mean "
-          f"{acc['prediction_mean']:.3f}, std {acc['prediction_std']:.3f}):")
+    print(
+        f"accuracy over {acc['predictions']:,} predictions (float32 mean "
+        f"{acc['prediction_mean']:.3f}, std {acc['prediction_std']:.3f}):"
+    )
     print(f"  |Δ prediction| max {acc['max_abs_diff']:.2e}, mean {acc['mean_abs_diff']:.2e}")
-    print(f"  top-{acc['topk']} per batch: {acc['topk_overlap']:.1%} overlap, same top-1 in "
-          f"{acc['top1_agreement']:.1%} of batches; global top-1%: "
-          f"{acc['global_top1pct_overlap']:.1%} overlap")
+    print(
+        f"  top-{acc['topk']} per batch: {acc['topk_overlap']:.1%} overlap, same top-1 in "
+        f"{acc['top1_agreement']:.1%} of batches; global top-1%: "
+        f"{acc['global_top1pct_overlap']:.1%} overlap"
+    )

@@ -24,7 +24,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from ._benchtools import Table, compare
+from ._timing import Table, compare
 
 N_MODELS = 8
 N_PARAMS = 50_000_000
@@ -137,7 +137,7 @@ def measure_read_bandwidth(nbytes: int = 1 << 30, repeat: int = 7) -> dict[str, 
     """Read bandwidth of this machine in GB/s: sums over a ``nbytes`` float32 array (much
     larger than the caches) -- numba parallel, numba one thread (vectorised, fastmath), numpy.
     ``"best"`` is the highest of the medians."""
-    from ._config import sync_threads
+    from .._config import sync_threads
 
     sync_threads()
     a = np.ones(nbytes // 4, np.float32)

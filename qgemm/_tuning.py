@@ -1,0 +1,122 @@
+"""Every tuning constant of qgemm, with a line on how it was chosen.
+
+Kernels and wrappers import their thresholds from here; nothing else in the package defines a
+parallel-from size, a prefetch distance or a chunk size.  Changing a value here changes speed
+only, never results (every kernel is bit-identical across its serial and parallel forms).
+Values were measured on 2-core AMD EPYC VMs (Zen 3 AVX2 and Zen 4 AVX-512 VNNI) with
+``python -m qgemm bench``; re-measure there before changing one.
+"""
+
+from __future__ import annotations
+
+# ----------------------------------------------------------------------------------- GEMM
+
+GEMM_PARALLEL_MIN_MACS = 1 << 22
+"""GEMM calls with fewer multiply-adds (M*N*K) run the serial kernel.  Below 2^22 a parallel
+region costs more than it saves (worker wake-up): 6x256x1024 ran 12 us serial vs 24 us
+parallel and 128^3 17 vs 21 us; from 2^22 (1x4096x1024: 67 -> 57 us) the second core pays."""
+
+GEMM_PROBE_MIN = 0.25
+"""Adaptive threads (``QGEMM_ADAPTIVE_THREADS=1``): shortest re-probe interval, in seconds."""
+
+GEMM_PROBE_MAX = 8.0
+"""Adaptive threads: longest re-probe interval after repeated agreement (exponential backoff)."""
+
+# ------------------------------------------------------------------------------ quantize
+
+QUANTIZE_BLOCK = 1 << 16
+"""Elements per parallel task of the per-tensor (de)quantize kernels (256 KiB of float32)."""
+
+QUANTIZE_PARALLEL_MIN_ELEMS = 1 << 17
+"""(De)quantization of fewer elements runs serially: a parallel region costs ~10 us on a
+2-core VM, more than the whole pass below this size."""
+
+ROWWISE_ROW_CHUNK = 1 << 15
+"""Rows quantized per pass by ``quantize_rowwise`` (bounds the float temporaries)."""
+
+# ----------------------------------------------------------------------------- embedding
+
+EMBEDDING_PARALLEL_MIN_WORK = 1 << 16
+"""Embedding-bag calls touching fewer table elements (indices x dim) run on one thread."""
+
+EMBEDDING_PREFETCH = 16
+"""Row prefetch distance, in indices (FBGEMM's default; 8 and 32 measured no better)."""
+
+EMBEDDING_PREFETCH_TAIL = True
+"""Also prefetch the line holding a row's last byte (a row that does not start on a line
+boundary spans one line more than its size suggests)."""
+
+EMBEDDING_PREFETCH_ALL_LINES = True
+"""Prefetch one line per 64 bytes of the upcoming row (False: its first line only)."""
+
+# ------------------------------------------------------------------------------- DLRM
+
+INTERACTION_PARALLEL_MIN_MACS = 1 << 17
+"""Below this many multiply-adds per call the DLRM interaction runs serially (waking the
+worker costs more than the work)."""
+
+# --------------------------------------------------------------------------- averaging
+
+AVERAGING_CHUNK = 1 << 16
+"""Elements per parallel work item of the averaging kernels (256 KiB of float32)."""
+
+AVERAGING_PARALLEL_MIN = 1 << 17
+"""Buffers with fewer elements use the serial averaging kernels."""
+
+AVERAGING_MULTI_CHUNK = 1 << 16
+"""Elements per block of the all-models kernel: its float64 block buffer (512 KiB) stays in L2
+and each model is read in 256 KiB runs, long enough for the hardware prefetchers (measured
+~15% faster than 4096-element blocks on 50M parameters)."""
+
+AVERAGING_MULTI_MIN = 1 << 15
+"""Leaves with fewer elements take the per-model kernels (no per-count compilation)."""
+
+AVERAGING_MULTI_MAX = 16
+"""Most models the all-models kernel takes (one compiled kernel per count, cached on disk)."""
+
+# --------------------------------------------------------------------------- distributed
+
+DIST_SHARD_MEMORY_FRACTION = 0.25
+"""``qgemm.distributed.ShardedDLRM`` splits a table by rows when it is larger than this
+fraction of the smallest worker memory limit: a worker needs room for its shards plus Dask's
+spill headroom (it pauses at 80 %, spills at 60-70 %) and the batch buffers; a quarter leaves
+both (not a speed constant: it decides placement, never results beyond the row-split bound)."""
+
+# ------------------------------------------------------------------ half-precision GEMM
+
+HALF_PARALLEL_MIN_MACS = 1 << 22
+"""Half-weight GEMM calls (``linear_half``) with fewer multiply-adds (M*N*K) run serially.
+Taken from the int8 GEMM's measured break-even (``GEMM_PARALLEL_MIN_MACS``: the fork/join
+costs the same ~10-15 us); the float kernel does fewer MACs per second, so the true break-even
+can only be lower.  Not re-measured: the 2-core VM was shared when this kernel was written."""
+
+HALF_MR_AVX2 = 6
+"""Rows of the AVX2 half-weight register tile: 6 rows x 2 ymm accumulators = 12 of the 16 ymm,
+plus 2 widened weight vectors and one broadcast (FBGEMM's FP16 AVX2 kernel uses 6 x 16 too)."""
+
+HALF_MR_AVX512 = 12
+"""Rows of the AVX-512 half-weight tile: 12 zmm accumulators of 16 columns, one widened weight
+vector, broadcasts folded into the FMAs -- leaves zmm for the scheduler (FBGEMM goes to 14)."""
+
+HALF_PORTABLE_KC = 256
+"""K rows of a panel widened at once on the portable path (16 KiB of float32 scratch: L1)."""
+
+# ----------------------------------------------------------------------- laplace (issue 14)
+
+LAPLACE_BLOCK = 64
+"""Examples per parallel work item of the MLP Jacobian kernel (its scratch is allocated once
+per block; 64 examples of a 1000-weight subnetwork are ~0.5 MiB of output, in L2)."""
+
+LAPLACE_BATCH_ELEMS = 1 << 21
+"""Streaming batch of ``SubnetLaplace.fit``/``predictive``: examples per batch are chosen so
+the batch's Jacobian/GGN factor (examples x outputs x weights, float64) holds about this many
+elements (16 MiB): large enough that the P x P BLAS update runs at full speed, small enough
+to stay O(batch x n_params)."""
+
+# ------------------------------------------------------------- GEMM (dynamic prologue)
+
+GEMM_QUANTIZE_PARALLEL_MIN_ELEMS = 1 << 16
+"""The dynamic GEMM (``linear``) finds the activations' range and quantizes them with a
+``prange`` over rows from this many elements (M*K) on, serially below (kept from the kernel's
+earlier local constant, 256 KiB of float32: below it the parallel region costs more than the
+pass; not re-measured)."""
