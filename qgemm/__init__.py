@@ -17,6 +17,7 @@ from .averaging import (
     train_decentralized,
 )
 from .embedding import embedding_bag
+from ._half import HalfPackedWeight, linear_half, pack_weight_half
 from .gemm import PackedWeight, linear, matmul_u8s8, pack_weight, quantized_linear
 from .interop import from_torch
 from .models import DLRM
@@ -31,6 +32,24 @@ from .quantize import (
 )
 
 __version__ = "0.1.0"
+
+# Topic subpackages loaded on first use, so ``import qgemm`` stays light and never imports Dask:
+# ``qgemm.laplace`` / ``qgemm.scoring`` (uncertainty), ``qgemm.training`` (averaging by topic),
+# ``qgemm.distributed`` (Dask; the optional ``distributed`` extra), ``qgemm.bench`` (the tools).
+_LAZY_SUBMODULES = ("laplace", "scoring", "training", "distributed", "bench")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
+
 
 __all__ = [
     "__version__",
@@ -49,6 +68,9 @@ __all__ = [
     "quantize_rowwise",
     "embedding_bag",
     "PackedWeight",
+    "HalfPackedWeight",
+    "pack_weight_half",
+    "linear_half",
     "pack_weight",
     "linear",
     "quantized_linear",

@@ -11,7 +11,11 @@ functions below.  Environment variables:
     than the CPU has raises at import.  (The analogue of FBGEMM's
     ``FBGEMM_ENABLE_INSTRUCTIONS``.)
 ``QGEMM_CACHE_DIR``
-    Directory of Numba's on-disk kernel cache (``NUMBA_CACHE_DIR`` is honoured too).
+    Directory of Numba's on-disk kernel cache (then ``NUMBA_CACHE_DIR``; default the per-user
+    ``$XDG_CACHE_HOME/qgemm/<version>``; see :mod:`qgemm._diskcache`).
+``QGEMM_JIT``
+    ``tiered`` (default), ``eager`` or ``generic``: how kernels are compiled (see
+    :mod:`qgemm._cache`).
 ``QGEMM_FASTMATH``
     ``0`` turns off the relaxed floating-point flags used by float reductions.
 ``QGEMM_ADAPTIVE_THREADS``
@@ -25,14 +29,10 @@ from typing import Any
 
 import numba
 
-from . import _isa
+# ``_diskcache`` settles the on-disk cache location at import, before any ``cache=True``
+# kernel is defined.
+from . import _diskcache, _isa
 from ._isa import ISA_PATHS, cpu_features, cpu_name
-
-# The on-disk cache location must be settled before any ``cache=True`` kernel is defined.
-_cache_dir_env = os.environ.get("QGEMM_CACHE_DIR")
-if _cache_dir_env:
-    os.makedirs(_cache_dir_env, exist_ok=True)
-    numba.config.CACHE_DIR = _cache_dir_env  # type: ignore[attr-defined]
 
 __all__ = [
     "ISA_PATHS",
@@ -49,6 +49,7 @@ __all__ = [
     "set_num_threads",
     "sync_threads",
     "cache_dir",
+    "cache_persistent",
 ]
 
 
@@ -188,10 +189,17 @@ def set_num_threads(n: int) -> int:
 
 
 def cache_dir() -> str:
-    """Directory of Numba's on-disk cache for qgemm's kernels."""
-    if numba.config.CACHE_DIR:  # type: ignore[attr-defined]
-        return str(numba.config.CACHE_DIR)  # type: ignore[attr-defined]
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "_kernels", "__pycache__")
+    """Directory of Numba's on-disk cache for qgemm's kernels (never inside the package).
+
+    ``QGEMM_CACHE_DIR``, then ``NUMBA_CACHE_DIR``, then the per-user cache folder; an unusable
+    folder falls back to a temporary one (see :func:`cache_persistent`).
+    """
+    return _diskcache.location().path
+
+
+def cache_persistent() -> bool:
+    """Whether the on-disk cache survives the process (False after the read-only fallback)."""
+    return _diskcache.location().persistent
 
 
 _state["threads"] = _default_threads()

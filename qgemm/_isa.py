@@ -3,17 +3,20 @@ microkernel variant and register tile each runs.
 
 Everything else asks this module: :mod:`qgemm._config` (``get_isa`` / ``set_isa`` /
 ``supported_isas`` and ``QGEMM_ISA``), the GEMM dispatch in :mod:`qgemm.gemm`, the int8-ceiling
-measurement of the bench.  Nothing here imports the rest of qgemm.
+measurement of the bench, the half-weight GEMM.  Nothing here imports the rest of qgemm but
+its tuning constants (:mod:`qgemm._tuning`).
 
 Vocabulary
 ----------
 *path*
     What the user chooses (``QGEMM_ISA``, :func:`qgemm.set_isa`): ``portable``, ``avx2``,
-    ``avx512vnni``.  A path is supported when the host's CPU has every feature it
+    ``avxvnni``, ``avx512vnni``.  A path is supported when the host's CPU has every feature it
     ``requires`` (llvmlite's feature names) on one of its ``machines``.
 *variant*
-    A microkernel of :mod:`qgemm._kernels.gemm` (``vnni``, ``avx2`` = ``vpmaddubsw``, ``avx2x``
-    = exact split, ``avx2s`` = saturating, ``portable``, ``portables`` = saturating portable).
+    A microkernel of :mod:`qgemm._kernels.gemm` (``vnni`` = 512-bit ``vpdpbusd``, ``vnni256``
+    = AVX-VNNI's 256-bit ``vpdpbusd``, ``avx2`` = ``vpmaddubsw``, ``avx2w`` = exact int16
+    ``vpmaddwd`` on pre-widened operands, ``avx2x`` = exact activation split (kept for
+    measurement), ``avx2s`` = saturating, ``portable``, ``portables`` = saturating portable).
 *panel width*
     Output columns per packed weight panel (:func:`panel_width`): a packing fact, the same on
     every path, so one packed weight serves every path.
@@ -25,9 +28,13 @@ Each path names two :class:`Kernel` choices: ``default`` (exact int32 results) a
 and ``exact`` variants differ picks between them per call by the int16 saturation bound
 (``255 * max pair sum of |w|``, known at pack time, times the activations' maximum).
 
-Adding a path (issue 15: AVX-VNNI, i.e. 256-bit ``vpdpbusd`` without AVX-512; float16 weights)
-is one more :class:`IsaPath` entry in :data:`PATHS` (in priority order) plus its microkernel
-variant in :mod:`qgemm._kernels.gemm_ukernel`; nothing else branches on path names.
+Adding a path is one more :class:`IsaPath` entry in :data:`PATHS` (in priority order) plus its
+microkernel variant in :mod:`qgemm._kernels.gemm_ukernel`; nothing else branches on path names
+(``avxvnni`` -- 256-bit ``vpdpbusd`` on CPUs with VNNI but without AVX-512 -- was added so).
+
+Which paths ran on real hardware: ``portable``, ``avx2`` (AMD Zen 3) and ``avx512vnni`` (AMD
+Zen 4).  ``avxvnni`` is detected and its microkernel is compiled for a ``+avxvnni`` target in
+the tests (the instruction selected, not executed): no CPU with AVX-VNNI was available.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from types import MappingProxyType
+
+from ._tuning import HALF_MR_AVX2, HALF_MR_AVX512
 
 __all__ = [
     "Tile",
@@ -71,6 +80,10 @@ class Kernel:
     fast: str
     exact: str
     tiles: Mapping[int, Tile]
+    streaming: str | None = None
+    """Exact variant for calls that stream a large weight once (``M`` of one row or so,
+    weight bigger than L2; :data:`qgemm._tuning.GEMM_STREAM_MAX_M`): one reading fewer bytes
+    than ``exact`` when that one's operands are widened.  ``None``: always ``exact``."""
 
     @property
     def chooses(self) -> bool:
@@ -93,14 +106,19 @@ class IsaPath:
     """FBGEMM's AVX2 ``vpmaddubsw`` numbers (int16 pair saturation), bit for bit."""
     ceiling_panel: int
     """Panel width whose ``default.fast`` tile the bench's int8 ceiling measures."""
+    half: Tile
+    """Register tile of the float16/bfloat16-weight GEMM (:mod:`qgemm._kernels.gemm_half`):
+    ``mr`` rows x ``nv`` vectors = ``nr`` (the 16-column half panel); lanes = ``nr // nv``."""
 
     def kernel(self, saturate: bool) -> Kernel:
         return self.saturating if saturate else self.default
 
-    def tile(self, saturate: bool, npw: int) -> tuple[str, str, Tile]:
-        """``(fast variant, exact variant, tile)`` for weights packed ``npw`` columns wide."""
+    def tile(self, saturate: bool, npw: int, stream: bool = False) -> tuple[str, str, Tile]:
+        """``(fast variant, exact variant, tile)`` for weights packed ``npw`` columns wide;
+        ``stream``: the call reads a large weight once (then the ``streaming`` variant)."""
         k = self.saturating if saturate else self.default
-        return k.fast, k.exact, k.tiles[npw]
+        exact = k.streaming if stream and k.streaming else k.exact
+        return k.fast, exact, k.tiles[npw]
 
     @property
     def int16_pairs(self) -> bool:
@@ -143,14 +161,28 @@ PATHS: tuple[IsaPath, ...] = (
         default=Kernel("portable", "portable", _PORTABLE_TILES),
         saturating=Kernel("portables", "portables", _PORTABLE_TILES),
         ceiling_panel=16,
+        half=Tile(HALF_MR_AVX2, 2, 16),  # MR only sets the task granularity on this path
     ),
     IsaPath(
         name="avx2",
         requires=("avx2", "fma"),
         machines=_X86,
-        default=Kernel("avx2", "avx2x", _AVX2_TILES),
+        # exact: vpmaddwd on int16 operands; a weight streamed once: the activation split
+        # (int8 weight bytes, twice the multiplies -- memory-bound there anyway)
+        default=Kernel("avx2", "avx2w", _AVX2_TILES, streaming="avx2x"),
         saturating=_AVX2_SATURATING,
         ceiling_panel=64,
+        half=Tile(HALF_MR_AVX2, 2, 16),
+    ),
+    IsaPath(
+        name="avxvnni",
+        requires=("avx2", "fma", "avxvnni"),
+        machines=_X86,
+        # 6 rows x 2 ymm (16 columns): 12 accumulators + 2 weight vectors + 1 broadcast
+        default=Kernel("vnni256", "vnni256", _frozen({16: Tile(6, 2, 16), 64: Tile(6, 2, 16)})),
+        saturating=_AVX2_SATURATING,
+        ceiling_panel=64,
+        half=Tile(HALF_MR_AVX2, 2, 16),
     ),
     IsaPath(
         name="avx512vnni",
@@ -160,6 +192,7 @@ PATHS: tuple[IsaPath, ...] = (
         default=Kernel("vnni", "vnni", _frozen({64: Tile(6, 4, 64), 16: Tile(8, 1, 16)})),
         saturating=_AVX2_SATURATING,
         ceiling_panel=64,
+        half=Tile(HALF_MR_AVX512, 1, 16),
     ),
 )
 """Every path, from the most portable to the most specialised (the default is the last one

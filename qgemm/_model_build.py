@@ -9,7 +9,12 @@ public through :mod:`qgemm.models`.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import uuid
+import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
@@ -17,9 +22,17 @@ import numpy as np
 
 from . import _config
 from ._kernels.dlrm import fill_uniform_kernel
-from ._validate import as_array, check_int
+from ._validate import as_array, check_finite, check_int
 
-__all__ = ["parse_state_dict", "random_batch", "random_parts", "random_table", "to_state_dict"]
+__all__ = [
+    "parse_state_dict",
+    "random_batch",
+    "random_parts",
+    "random_table",
+    "read_npz",
+    "to_state_dict",
+    "write_npz",
+]
 
 Layers = list[tuple[Any, Any]]
 
@@ -35,11 +48,15 @@ def _to_numpy(name: str, v: Any) -> np.ndarray:
         v = v.detach().cpu()
         if hasattr(v, "is_quantized") and v.is_quantized:
             raise TypeError(f"{name}: expected a float tensor, got a quantized tensor")
+        if hasattr(v, "is_floating_point") and not v.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got {v.dtype}")
         v = v.float().numpy()
     a = as_array(name, v)
     if a.dtype.kind != "f":
         raise TypeError(f"{name}: expected a floating-point array, got dtype {a.dtype.name}")
-    return np.ascontiguousarray(a, dtype=np.float32)
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    check_finite(name, a)  # a NaN/inf weight would silently turn every prediction to NaN
+    return a
 
 
 def random_parts(
@@ -224,3 +241,73 @@ def random_table(
             out, np.uint64(seed % 2**64), np.float32(low), np.float32(high - low)
         )
     return out
+
+
+# -- .npz files: validated reads, atomic writes ----------------------------------------------
+
+
+def _file_name(path: Any) -> str:
+    return os.fspath(path) if isinstance(path, (str, os.PathLike)) else repr(path)
+
+
+def read_npz(path: Any) -> tuple[dict[str, np.ndarray], bool | None]:
+    """``(arrays, self_interaction or None)`` from a ``DLRM.save`` ``.npz``, never unpickling.
+
+    A truncated, tampered or non-``.npz`` file, or an entry holding pickled objects, raises
+    ``ValueError`` naming the file (and the entry); a missing file ``FileNotFoundError``."""
+    name = _file_name(path)
+    try:
+        f = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except (EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{name}: not a valid .npz file (truncated or corrupt?): {exc}") from exc
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError(
+            f"{name}: expected an .npz archive (as written by DLRM.save), got a single .npy array"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    with f:
+        for key in f.files:
+            try:
+                arrays[key] = f[key]
+            except ValueError as exc:
+                if "allow_pickle" in str(exc) or "bject arrays" in str(exc):
+                    raise ValueError(
+                        f"{name}: entry {key!r} holds pickled Python objects (object dtype); "
+                        f"refusing to unpickle -- expected plain numeric arrays"
+                    ) from None
+                raise ValueError(f"{name}: entry {key!r} is corrupt: {exc}") from exc
+            except (EOFError, OSError, zipfile.BadZipFile, zlib.error) as exc:
+                raise ValueError(f"{name}: entry {key!r} is truncated or corrupt: {exc}") from exc
+    si = arrays.pop("_self_interaction", None)
+    if si is None:
+        return arrays, None
+    if si.shape != () or si.dtype.kind not in "bi":
+        raise ValueError(
+            f"{name}: entry '_self_interaction': expected a scalar bool, got "
+            f"dtype {si.dtype.name} shape {si.shape}"
+        )
+    return arrays, bool(si)
+
+
+def write_npz(path: Any, arrays: Mapping[str, np.ndarray]) -> None:
+    """``np.savez(path, **arrays)``, atomically for a path: written to a temporary file in the
+    same folder and renamed over ``path``, so an interrupt (KeyboardInterrupt, a full disk)
+    leaves either the old file or the new one, never half of one.  A ``.npz`` suffix is
+    appended when missing (as numpy does)."""
+    if not isinstance(path, (str, os.PathLike)):
+        np.savez(path, **arrays)  # a file object: the caller owns it
+        return
+    path = os.fspath(path)
+    if not path.endswith(".npz"):
+        path += ".npz"
+    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "xb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

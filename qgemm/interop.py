@@ -25,6 +25,14 @@ Supported modules:
                                              point (``bias = -zero_point * scale``)
 a facebookresearch/dlrm ``DLRM_Net``         the float :class:`qgemm.models.DLRM` (call
                                              ``.quantize()`` for the int8 one)
+FBGEMM's ``IntNBitTableBatchedEmbedding``     :class:`qgemm.TableBatchedEmbeddingBags` with
+``BagsCodegen`` (fbgemm-gpu-cpu)              the same pooled output: int8/4/2 tables
+                                             rewritten in torch's prepack layout (TBE keeps
+                                             the float16 scale and bias in front of the
+                                             codes), fp16/fp32 tables read in place; its
+                                             pooling mode, output dtype, feature_table_map
+``SplitTableBatchedEmbeddingBagsCodegen``    the same over its float tables (read in place,
+                                             so training updates show through)
 =========================================== =================================================
 """
 
@@ -233,7 +241,9 @@ def from_torch(
     ----------
     module : torch.nn.Module
         ``nn.Linear``, ``nn.EmbeddingBag``, torch's quantized ``Linear`` (static or dynamic)
-        and ``EmbeddingBag``, or a facebookresearch/dlrm ``DLRM_Net``.
+        and ``EmbeddingBag``, a facebookresearch/dlrm ``DLRM_Net``, or FBGEMM's TBE modules
+        (``IntNBitTableBatchedEmbeddingBagsCodegen``, ``SplitTableBatchedEmbeddingBagsCodegen``
+        from fbgemm-gpu-cpu).
     bits : {None, 8, 4, 2}
         For ``nn.EmbeddingBag``: None keeps the float32 table, 8/4/2 quantizes it row-wise.
         Ignored for other modules.
@@ -242,7 +252,7 @@ def from_torch(
 
     Returns
     -------
-    Linear, EmbeddingBag or qgemm.models.DLRM
+    Linear, EmbeddingBag, qgemm.models.DLRM or qgemm.embedding_batched.TableBatchedEmbeddingBags
 
     Examples
     --------
@@ -268,6 +278,8 @@ def from_torch(
     if bits is not None and bits not in (8, 4, 2):
         raise ValueError(f"bits: expected None, 8, 4 or 2, got {bits!r}")
     ao = torch.ao.nn
+    if _is_tbe(module):
+        return _tbe_from_fbgemm(module)
     if isinstance(module, ao.quantized.dynamic.Linear):
         return _linear_from_quantized(module, torch, static=False)
     if isinstance(module, ao.quantized.Linear):
@@ -308,3 +320,93 @@ def from_torch(
         f"nn.EmbeddingBag, torch.ao.nn.quantized(.dynamic).Linear, "
         f"torch.ao.nn.quantized.EmbeddingBag or a DLRM_Net"
     )
+
+
+# -- FBGEMM's table-batched embedding modules (fbgemm-gpu-cpu) --------------------------------
+_TBE_NAMES = ("IntNBitTableBatchedEmbeddingBagsCodegen", "SplitTableBatchedEmbeddingBagsCodegen")
+_TBE_BITS = {"int8": 8, "int4": 4, "int2": 2}
+_TBE_FLOATS = {"fp32": np.float32, "fp16": np.float16}
+
+
+def _is_tbe(module: Any) -> bool:
+    return type(module).__name__ in _TBE_NAMES and hasattr(module, "split_embedding_weights")
+
+
+def _tbe_mode(module: Any) -> str:
+    pm = getattr(module.pooling_mode, "name", module.pooling_mode)
+    modes = {"SUM": "sum", "MEAN": "mean", 0: "sum", 1: "mean"}
+    if pm not in modes:
+        raise ValueError(
+            f"module: pooling_mode {pm} is not supported (expected SUM or MEAN; NONE returns "
+            "sequence embeddings, not bags)"
+        )
+    return modes[pm]
+
+
+def _tbe_float_table(w: Any, dtype: Any, dim: int) -> np.ndarray:
+    """A float TBE table (uint8 rows, or float rows) as a ``[rows, dim]`` view, in place."""
+    a = _np(w)
+    if a.dtype == np.uint8:
+        a = a.view(dtype)
+    return a[:, :dim]
+
+
+def _tbe_quantized_table(w: Any, sb: Any, bits: int, dim: int, reverse: bool) -> Any:
+    """An N-bit TBE table (codes, and ``[rows, 4]`` float16 scale then bias -- TBE keeps them in
+    front of the codes) rewritten in torch's prepack layout (codes, then scale and bias:
+    float32 for 8-bit, float16 for 4/2-bit).  One copy; float16 -> float32 is exact."""
+    codes = _np(w)
+    qp = _np(sb).view(np.float16)  # [rows, 2]
+    if reverse:  # reverse_qparam: bias first
+        qp = qp[:, ::-1]
+    cb = -(-dim * bits // 8)
+    rows = codes.shape[0]
+    if bits == 8:
+        fused = np.empty((rows, cb + 8), np.uint8)
+        fused[:, cb:] = np.ascontiguousarray(qp.astype(np.float32)).view(np.uint8)
+    else:
+        fused = np.empty((rows, cb + 4), np.uint8)
+        fused[:, cb:] = np.ascontiguousarray(qp).view(np.uint8)
+    fused[:, :cb] = codes[:, :cb]
+    return RowwiseQuantizedTable(fused, bits, dim)
+
+
+def _tbe_from_fbgemm(module: Any) -> Any:
+    from .embedding_batched import TableBatchedEmbeddingBags
+
+    mode = _tbe_mode(module)
+    inference = type(module).__name__ == _TBE_NAMES[0]
+    weights = module.split_embedding_weights()
+    tables: list[Any] = []
+    if inference:
+        for name in ("index_remappings_array", "index_remapping_hash_table"):
+            remap = getattr(module, name, None)
+            if remap is not None and remap.numel() > 0:
+                raise ValueError("module: TBE index remapping (pruning) is not supported")
+        out_name = str(getattr(module.output_dtype, "value", module.output_dtype))
+        if out_name not in _TBE_FLOATS:
+            raise ValueError(f"module: output_dtype {out_name} not supported (fp32 or fp16)")
+        out_dtype = _TBE_FLOATS[out_name]
+        reverse = bool(getattr(module, "reverse_qparam", False))
+        for t, ((_, _rows, dim, sparse_type, *_), (w, sb)) in enumerate(
+            zip(module.embedding_specs, weights, strict=True)
+        ):
+            ty = str(getattr(sparse_type, "value", sparse_type))
+            if ty in _TBE_BITS:
+                tables.append(_tbe_quantized_table(w, sb, _TBE_BITS[ty], int(dim), reverse))
+            elif ty in _TBE_FLOATS:
+                tables.append(_tbe_float_table(w, _TBE_FLOATS[ty], int(dim)))
+            else:
+                raise ValueError(
+                    f"module: table {t} has weight type {ty}; supported: int8, int4, int2, "
+                    "fp16, fp32"
+                )
+    else:
+        out_dtype = np.float32
+        for w in weights:
+            a = _np(w)
+            if a.dtype not in (np.float32, np.float16):
+                raise ValueError(f"module: weights of dtype {a.dtype} not supported")
+            tables.append(a)
+    ftm = list(getattr(module, "feature_table_map", None) or range(len(tables)))
+    return TableBatchedEmbeddingBags([tables[f] for f in ftm], mode=mode, out_dtype=out_dtype)

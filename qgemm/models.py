@@ -43,10 +43,13 @@ from ._model_build import (
     random_batch,
     random_parts,
     random_table,
+    read_npz,
     to_state_dict,
+    write_npz,
 )
 from ._validate import as_array, check_choice, check_finite, check_int
 from .embedding import check_bags, embedding_bag, index_array
+from .embedding_batched import TableBatchedEmbeddingBags
 from .gemm import PackedWeight, linear, pack_weight
 from .quantize import RowwiseQuantizedTable, quantize_rowwise
 
@@ -307,18 +310,20 @@ class DLRM:
         return to_state_dict(self.bottom, self.top, self.tables)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the float weights to an ``.npz`` in the ``state_dict`` layout."""
+        """Write the float weights to an ``.npz`` in the ``state_dict`` layout (atomically: an
+        interrupted save leaves the previous file, or none, never half of one)."""
         arrays: dict[str, Any] = {**self.state_dict()}
-        np.savez(path, **arrays, _self_interaction=np.array(self.self_interaction))
+        write_npz(path, {**arrays, "_self_interaction": np.array(self.self_interaction)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DLRM:
         """A float32 model from an ``.npz`` written by :meth:`save` (or any ``.npz`` holding a
         DLRM ``state_dict``)."""
-        with np.load(path, allow_pickle=False) as f:
-            sd = {k: f[k] for k in f.files}
-        si = sd.pop("_self_interaction", None)
-        return cls.from_state_dict(sd, self_interaction=None if si is None else bool(si))
+        sd, si = read_npz(path)  # never unpickles; bad bytes -> ValueError naming the file
+        try:
+            return cls.from_state_dict(sd, self_interaction=si)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{os.fspath(path)}: {exc}") from None
 
     def quantize(
         self,
@@ -571,6 +576,33 @@ class DLRM:
         z = np.matmul(feats, feats.transpose(0, 2, 1))
         return np.concatenate([x, z[:, self._li, self._lj]], axis=1)
 
+    def _embed(self, bags: list[tuple[np.ndarray, np.ndarray | None]], batch: int) -> np.ndarray:
+        """Pooled embeddings float32 ``[T, batch, dim]`` (table-major, what the interaction
+        reads): one table-batched call (:class:`qgemm.TableBatchedEmbeddingBags`) when every
+        table is pooled by qgemm, else one call per table (numpy for float tables)."""
+        nt, d = len(self.tables), self._dim
+        emb = np.empty((nt, batch, d), dtype=np.float32)
+        if self.engine == "qgemm" or all(self._quantized_tables):
+            tbe = getattr(self, "_tbe", None)
+            if (
+                tbe is None
+                or len(tbe.tables) != nt
+                or any(a is not b for a, b in zip(tbe.tables, self.tables, strict=False))
+            ):
+                tbe = self._tbe = TableBatchedEmbeddingBags(self.tables)
+            idx, offs, _, _, starts = tbe._flat_bags(
+                [i for i, _ in bags], [o for _, o in bags], None, None
+            )
+            obase = np.arange(nt, dtype=np.int64) * (batch * d)
+            tbe._pool(idx, offs, batch, None, "sum", tbe._no_pad, emb.reshape(-1), obase, d, starts)
+            return emb
+        for k, (table, (idx, off)) in enumerate(zip(self.tables, bags, strict=True)):
+            if self._quantized_tables[k]:
+                embedding_bag(table, idx, off, mode="sum", out=emb[k])
+            else:
+                _numpy_bag_sum(table, idx, off, emb[k])
+        return emb
+
     def predict(
         self,
         dense: Any,
@@ -607,12 +639,7 @@ class DLRM:
         t0 = clock()
         x = self._mlp(self.bottom, dense, last_relu=True)
         t1 = clock()
-        emb = np.empty((len(self.tables), batch, self._dim), dtype=np.float32)
-        for k, (table, (idx, off)) in enumerate(zip(self.tables, bags, strict=True)):
-            if self._quantized_tables[k] or self.engine == "qgemm":
-                embedding_bag(table, idx, off, mode="sum", out=emb[k])
-            else:
-                _numpy_bag_sum(table, idx, off, emb[k])
+        emb = self._embed(bags, batch)
         t2 = clock()
         z = self._interact(x, emb)
         t3 = clock()

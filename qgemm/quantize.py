@@ -26,6 +26,7 @@ from ._kernels.quantize import (
     rowwise_codes_kernel,
     rowwise_minmax_kernel,
 )
+from ._kernels.rowwise_generic import rowwise8_fused_kernel
 from ._tuning import QUANTIZE_BLOCK, QUANTIZE_PARALLEL_MIN_ELEMS, ROWWISE_ROW_CHUNK
 from ._validate import as_array, check_choice, check_finite, check_int
 
@@ -434,6 +435,22 @@ def _param_bytes(bits: int) -> int:
     return 8 if bits == 8 else 4
 
 
+def _check_fused_params(fused: np.ndarray, bits: int) -> None:
+    """Every row's scale and bias must be finite: a NaN/inf one dequantizes the row to NaN."""
+    if fused.shape[0] == 0:
+        return
+    pb = _param_bytes(bits)
+    pdt = np.float32 if bits == 8 else np.float16
+    params = np.ascontiguousarray(fused[:, fused.shape[1] - pb :]).view(pdt)  # [rows, 2]
+    ok = np.isfinite(params)
+    if not ok.all():
+        r, c = (int(i) for i in np.argwhere(~ok)[0])
+        raise ValueError(
+            f"fused: row {r} has a non-finite {('scale', 'bias')[c]} ({params[r, c]}); expected "
+            f"finite {pdt.__name__} scale and bias in the last {pb} bytes of every row"
+        )
+
+
 class RowwiseQuantizedTable:
     """An embedding table quantized row by row, in FBGEMM's fused layout.
 
@@ -491,6 +508,7 @@ class RowwiseQuantizedTable:
                 f"dim: a {bits}-bit row of {width} bytes holds dim in "
                 f"[{max(0, max_dim - per_byte + 1)}, {max_dim}], got {dim}"
             )
+        _check_fused_params(fused, bits)
         fused = np.array(fused, copy=True, order="C") if copy else np.ascontiguousarray(fused)
         return cls(fused, bits, dim)
 
@@ -612,9 +630,18 @@ def quantize_rowwise(table: Any, *, bits: int = 8) -> RowwiseQuantizedTable:
 def _quantize_rows(x: np.ndarray, bits: int, fused: np.ndarray, row0: int) -> None:
     """Quantize float32 rows ``x`` into ``fused`` (rows ``row0...`` of the whole table).
 
-    Min/max and codes run in parallel Numba kernels; the per-row parameters (a vector per
-    table, where the float16 rounding happens) are computed with numpy."""
+    8-bit: one parallel pass per row does all (min/max, parameters, codes).  4/2-bit: min/max
+    and codes run in parallel Numba kernels; the per-row parameters (a vector per table, where
+    the float16 rounding happens) are computed with numpy."""
     n, dim = x.shape
+    if bits == 8:  # one pass per row, parameters written in-kernel (see _kernels/rowwise_generic)
+        bad = rowwise8_fused_kernel(())(x, fused)
+        if bad >= 0:
+            r, c = divmod(int(bad), dim)
+            raise ValueError(
+                f"table: expected finite values, got {x[r, c]} at index ({row0 + r}, {c})"
+            )
+        return
     cb = _code_bytes(dim, bits)
     mn = np.empty(n, np.float32)
     mx = np.empty(n, np.float32)
@@ -622,14 +649,6 @@ def _quantize_rows(x: np.ndarray, bits: int, fused: np.ndarray, row0: int) -> No
     if bad >= 0:
         r, c = divmod(int(bad), dim)
         raise ValueError(f"table: expected finite values, got {x[r, c]} at index ({row0 + r}, {c})")
-    if bits == 8:
-        rng = (mx - mn).astype(np.float32)
-        scale = (rng / np.float32(255.0)).astype(np.float32)
-        inv = (np.float32(255.0) / (rng + np.float32(1e-8))).astype(np.float32)
-        rowwise_codes_kernel((8,))(x, mn, inv, fused)
-        params = np.stack([scale, mn], axis=1).astype(np.float32)
-        fused[:, cb:] = params.view(np.uint8).reshape(n, 8)
-        return
     levels = np.float32((1 << bits) - 1)
     mn16 = mn.astype(np.float16)
     mn = mn16.astype(np.float32)
@@ -637,6 +656,14 @@ def _quantize_rows(x: np.ndarray, bits: int, fused: np.ndarray, row0: int) -> No
     scale = np.where(rng == 0, np.float32(1.0), rng / levels).astype(np.float32)
     with np.errstate(over="ignore"):
         scale = scale.astype(np.float16).astype(np.float32)
+    over = np.flatnonzero(np.isinf(mn16) | np.isinf(scale))
+    if over.size:  # the float16 bias or scale would be +-inf: the row would dequantize to NaN
+        r = int(over[0])
+        raise ValueError(
+            f"table: row {row0 + r} spans [{x[r].min()}, {x[r].max()}], beyond what a {bits}-bit "
+            f"row's float16 bias and scale hold (|min| <= 65504, max - min <= "
+            f"{65504 * float(levels):g}); scale the table or use bits=8"
+        )
     scale = np.where(scale == 0, np.float32(1.0), scale).astype(np.float32)
     with np.errstate(divide="ignore", over="ignore"):
         inv = (np.float32(1.0) / scale).astype(np.float32)
@@ -644,7 +671,7 @@ def _quantize_rows(x: np.ndarray, bits: int, fused: np.ndarray, row0: int) -> No
     scale = np.where(inf, np.float32(1.0), scale).astype(np.float32)
     inv = np.where(inf, np.float32(1.0), inv).astype(np.float32)
     rowwise_codes_kernel((bits,))(x, mn, inv, fused)
-    # Scales that overflow float16 are stored as inf (as FBGEMM's cpu_float2half_rn does).
+    # (a float16 overflow of the scale or bias was rejected above)
     with np.errstate(over="ignore"):
         params = np.stack([scale.astype(np.float16), mn16], axis=1)
     fused[:, cb:] = params.view(np.uint8).reshape(n, 4)

@@ -239,8 +239,9 @@ def test_state_dict_non_finite_weights(model, key, bad):
 
 
 def test_state_dict_accepts_float16_and_float64(model):
-    sd = {k: v.astype(np.float64 if "emb" in k else np.float16) for k, v in
-          model.state_dict().items()}
+    sd = {
+        k: v.astype(np.float64 if "emb" in k else np.float16) for k, v in model.state_dict().items()
+    }
     back = DLRM.from_state_dict(sd)
     assert all(v.dtype == np.float32 for v in back.state_dict().values())
 
@@ -341,11 +342,6 @@ def test_linear_out_aliases_bias(gemm_case):
     _alias_ok(lambda o: qgemm.linear(x[:1], pw, b2, out=o), b2.reshape(1, -1), expected)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 17 bug: quantized_linear(out=x_q) overwrites activations still to be read "
-    "(uint8 out, same shape); fix belongs in qgemm/gemm.py (np.may_share_memory -> temp)",
-)
 def test_quantized_linear_out_aliases_x(gemm_case):
     pw, x, b = gemm_case
     qp = qgemm.choose_qparams(x)
@@ -353,8 +349,9 @@ def test_quantized_linear_out_aliases_x(gemm_case):
     oq = qgemm.QParams(0.05, 3)
     expected = qgemm.quantized_linear(xq, qp, pw, b, out_qparams=oq)
     xq2 = xq.copy()
-    _alias_ok(lambda o: qgemm.quantized_linear(xq2, qp, pw, b, out_qparams=oq, out=o), xq2,
-              expected)
+    _alias_ok(
+        lambda o: qgemm.quantized_linear(xq2, qp, pw, b, out_qparams=oq, out=o), xq2, expected
+    )
 
 
 _BAG_ALIAS_XFAIL = pytest.mark.xfail(
@@ -373,8 +370,7 @@ def test_embedding_bag_out_aliases_table(start):
     off = np.array([0, 2, 3, 5], np.int64)
     expected = ref_embedding_bag(table, idx, off).astype(np.float32)
     t2 = table.copy()
-    _alias_ok(lambda o: qgemm.embedding_bag(t2, idx, off, out=o), t2[start : start + 4],
-              expected)
+    _alias_ok(lambda o: qgemm.embedding_bag(t2, idx, off, out=o), t2[start : start + 4], expected)
 
 
 @_BAG_ALIAS_XFAIL
@@ -416,8 +412,14 @@ def _models(n: int = 4):
 def _snapshot(models):
     out = []
     for m in models:
-        out.append({"w": m["w"].copy(), "big": m["big"].copy(), "steps": m["n"]["steps"].copy(),
-                    "t": m["n"]["t"].fused.copy()})
+        out.append(
+            {
+                "w": m["w"].copy(),
+                "big": m["big"].copy(),
+                "steps": m["n"]["steps"].copy(),
+                "t": m["n"]["t"].fused.copy(),
+            }
+        )
     return out
 
 

@@ -90,3 +90,91 @@ def test_bench_runs_a_registered_suite(monkeypatch, capsys):
     assert calls == [True]
     assert [t["title"] for t in doc["tables"]] == ["fake suite"]
     assert doc["tables"][0]["rows"] == [{"shape": "1x1", "× peer": 2.0}]
+
+
+def _env_cache(tmp_path, **extra):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "QGEMM_CACHE_DIR": str(tmp_path), **extra}
+    env.pop("NUMBA_CACHE_DIR", None)
+    return env
+
+
+def _qgemm(args, env, timeout=900):
+    return subprocess.run(
+        [sys.executable, "-m", "qgemm", *args], capture_output=True, text=True, env=env,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def test_info_shows_cache_tiers_and_threading(tmp_path):
+    r = _qgemm(["info", "--json"], _env_cache(tmp_path, QGEMM_JIT="generic"))
+    d = json.loads(r.stdout)
+    assert d["cache_dir"] == str(tmp_path) and d["cache_source"] == "QGEMM_CACHE_DIR"
+    assert d["cache_persistent"] is True and d["jit"] == "generic"
+    assert d["threading_layer"] in ("tbb", "omp", "workqueue")
+    assert d["parallel_launches"] in ("concurrent", "serialised (lock)")
+    assert {"generic_seconds", "queue"} <= set(d["cache_info"])
+    r = _qgemm(["info", "--json"], _env_cache(tmp_path, NUMBA_THREADING_LAYER="workqueue"))
+    d = json.loads(r.stdout)
+    assert d["threading_layer"] == "workqueue" and d["parallel_launches"] == "serialised (lock)"
+    r = _qgemm(["info"], _env_cache(tmp_path, QGEMM_JIT="sometimes"))
+    assert r.returncode != 0 and "QGEMM_JIT" in r.stderr
+
+
+def test_warmup_then_cache_info_and_clear(tmp_path):
+    env = _env_cache(tmp_path)
+    r = _qgemm(["warmup", "--ops", "quantize", "--no-progress"], env)
+    assert r.returncode == 0, r.stderr
+    assert "quantize" in r.stdout
+    nbi = list(tmp_path.rglob("*.nbi"))
+    assert nbi, "warmup compiled nothing into the cache folder"
+    r = _qgemm(["cache", "info"], env)
+    assert r.returncode == 0 and str(tmp_path) in r.stdout and "persistent  True" in r.stdout
+    # a warmed process loads instead of compiling
+    code = (
+        "import numpy as np, qgemm\n"
+        "qgemm.quantize_rowwise(np.ones((3, 5), np.float32))\n"
+        "print(qgemm.cache_info().compile_seconds)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and float(r.stdout) < 2.0, (r.stdout, r.stderr)
+    r = _qgemm(["cache", "clear"], env)
+    assert r.returncode == 0 and "cleared" in r.stdout
+    assert not list(tmp_path.rglob("*.nbi"))
+
+
+def test_cache_clear_refuses_a_foreign_folder(tmp_path):
+    (tmp_path / "thesis.tex").write_text("do not delete")
+    r = _qgemm(["cache", "clear"], _env_cache(tmp_path))
+    assert r.returncode == 1 and "refusing" in r.stderr
+    assert (tmp_path / "thesis.tex").exists()
+
+
+def test_warmup_rejects_unknown_ops():
+    assert cli.main(["warmup", "--ops", "gemm,nope", "--no-progress"]) == 2
+
+
+def test_warmup_api_validation_and_model_spec():
+    import qgemm
+    from qgemm.warmup import model_spec, warmup
+
+    with pytest.raises(ValueError, match="ops: unknown op group"):
+        warmup(ops=["bogus"])
+    with pytest.raises(ValueError, match="jobs: expected an int >= 1"):
+        warmup(ops=[], jobs=0)
+    assert warmup(ops=[]) == {}
+    m = qgemm.DLRM.random(tables=2, rows=[5000, 7], dim=4, bottom=(3, 8, 4), top=(6, 1))
+    spec = model_spec(m)
+    assert spec == {
+        "tables": 2, "rows": [1000, 7], "dim": 4, "bottom": [3, 8, 4], "top": [6, 1],
+        "self_interaction": False, "bits": 0, "float": True,
+    }  # fmt: skip
+    q = model_spec(m.quantize(bits=4))
+    assert q["bits"] == 4 and q["float"] is False
+
+
+def test_first_call_suite_is_registered():
+    from qgemm import bench
+    from qgemm.bench import first_call
+
+    assert bench.SUITES["first_call"] == "qgemm.bench.first_call"
+    assert set(first_call.OPS) >= {"linear", "quantized_linear", "embedding_bag"}

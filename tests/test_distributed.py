@@ -27,6 +27,7 @@ import cloudpickle  # noqa: E402  (a dependency of distributed)
 
 import qgemm  # noqa: E402
 import qgemm.distributed as qd  # noqa: E402
+from qgemm.distributed._common import worker_table  # noqa: E402
 from qgemm.models import DLRM  # noqa: E402
 from tests.reference import ref_average, ref_embedding_bag  # noqa: E402
 
@@ -52,11 +53,11 @@ def client():
 
 
 def addrs(client):
-    return sorted(client.scheduler_info()["workers"])
+    return sorted(worker_table(client))
 
 
 def names(client):
-    info = client.scheduler_info()["workers"]
+    info = worker_table(client)
     return [info[a]["name"] for a in sorted(info)]
 
 
@@ -331,6 +332,24 @@ class DyingSite(LinSite):
         return super().__call__(p, epochs=epochs, lr=lr)
 
 
+def test_worker_table_never_short(client):
+    """Regression (the killed-worker flake): ``client.scheduler_info()`` returns a cache that
+    the client's periodic refresh overwrites with a worker-less identity, so a poll could see
+    no workers at all and drop live sites.  A refresh every 2 ms makes the race frequent
+    (about 1 read in 20 came back short); ``worker_table`` asks the scheduler directly."""
+    import dask
+
+    with dask.config.set({"distributed.client.scheduler-info-interval": "2ms"}):
+        c = distributed.Client(client.scheduler.address, timeout=T)
+    try:
+        want = set(worker_table(client))
+        assert len(want) == 2
+        for _ in range(150):
+            assert set(worker_table(c)) == want
+    finally:
+        c.close()
+
+
 def test_killed_worker_drops_site(client, tmp_path):
     ns = names(client)
     marker = str(tmp_path / "died")
@@ -347,6 +366,7 @@ def test_killed_worker_drops_site(client, tmp_path):
             lr=0.05,
             site_weights=[1, 3],
             round_timeout=T,
+            rejoin_timeout=T,  # a loaded box restarts the killed worker slowly
         )
     assert [h["dropped"] for h in res.history[1:]] == [[], ["dies"], []]
     assert res.history[2]["sites"] == ["stays"]
@@ -449,6 +469,28 @@ def test_sharded_bad_input(client, dlrm):
     sm.close()
 
 
+def test_dlrm_shard_method(client, dlrm):
+    """``DLRM.shard(client, **kw)`` is ShardedDLRM with the keywords passed through."""
+    m, (dense, idx, off) = dlrm
+    ns = names(client)
+    sm = m.shard(client, row_split=[], interaction_worker=ns[1])
+    assert isinstance(sm, qd.ShardedDLRM) and sm.row_split == ()
+    assert sm.interaction_worker == addrs(client)[1]
+    np.testing.assert_array_equal(sm.predict(dense, idx, off), m.predict(dense, idx, off))
+    sm.close()
+    sm = m.shard(client, workers=ns, row_split=[2])
+    assert sm.row_split == (2,)
+    assert [(s, e) for _, s, e in sm.placement[2]] == qd.row_ranges(30, 2)
+    np.testing.assert_allclose(
+        sm.predict(dense, idx, off), m.predict(dense, idx, off), rtol=1e-5, atol=1e-6
+    )
+    sm.close()
+    with pytest.raises(ValueError, match=r"workers\[0\]: worker 'x' is not in the cluster"):
+        m.shard(client, workers=["x"])
+    with pytest.raises(TypeError, match="client: expected a distributed.Client"):
+        m.shard("tcp://nowhere:1")
+
+
 # ------------------------------------------------------------------------------- predict
 
 
@@ -469,36 +511,76 @@ def test_predict_dask_array(client, dlrm):
 
 
 def test_predict_dataframe(client, dlrm):
+    """A click log as a dask data frame (one row id per table and sample): every partition
+    scored where it lies, equal bit for bit to ``model.predict`` of that partition (float and
+    int8 models; pandas hands out read-only arrays, which the workers must accept)."""
     pd = pytest.importorskip("pandas", reason="dask.dataframe needs pandas")
-    import dask.dataframe as dd
+    dd = pytest.importorskip("dask.dataframe", reason="dask.dataframe needs pandas and pyarrow")
 
     m, _ = dlrm
     rng = np.random.default_rng(8)
     n = 25
-    frame = pd.DataFrame({f"d{j}": rng.random(n).astype(np.float32) for j in range(5)})
+    dense_cols = [f"d{j}" for j in range(5)]
+    sparse_cols = [f"c{k}" for k in range(3)]
+    frame = pd.DataFrame({c: rng.random(n).astype(np.float32) for c in dense_cols})
     for k, r in enumerate(m.rows):
-        frame[f"c{k}"] = rng.integers(0, r, n)
-    ddf = dd.from_pandas(frame, npartitions=3)
-    out = qd.predict(m, ddf, client=client)
-    got = out.compute()
-    want = []
-    for part in ddf.partitions:
-        pf = part.compute()
-        want.append(
-            m.predict(
-                pf[[f"d{j}" for j in range(5)]].to_numpy(np.float32),
-                [pf[f"c{k}"].to_numpy() for k in range(3)],
-                [np.arange(len(pf))] * 3,
+        frame[sparse_cols[k]] = rng.integers(0, r, n)
+    frame.index = pd.RangeIndex(100, 100 + n)
+
+    def reference(model, ddf, dcols, scols):
+        want = []
+        for part in ddf.partitions:
+            pf = part.compute()
+            want.append(
+                model.predict(
+                    np.array(pf[dcols].to_numpy(np.float32)),  # writeable copies
+                    [np.array(pf[c].to_numpy(np.int64)) for c in scols],
+                    [np.arange(len(pf))] * len(scols),
+                )
             )
-        )
-    np.testing.assert_array_equal(got["p"].to_numpy()[:, None], np.concatenate(want))
+        return np.concatenate(want)
+
+    ddf = dd.from_pandas(frame, npartitions=3)
+    out = qd.predict(m, ddf, client=client)  # default: float columns, then integer columns
+    assert isinstance(out, dd.DataFrame) and out.npartitions == 3
+    got = out.compute()
+    assert list(got.columns) == ["p"] and got["p"].dtype == np.float32
+    assert got.index.equals(frame.index)
+    np.testing.assert_array_equal(
+        got["p"].to_numpy()[:, None], reference(m, ddf, dense_cols, sparse_cols)
+    )
+
+    # explicit columns: shuffled order, plus a float label column that is not a feature
+    q = m.quantize(bits=8)
+    shuffled = frame[[*sparse_cols[::-1], "d3", "d0", "d4", "d1", "d2"]].assign(
+        clicked=rng.random(n).astype(np.float32)
+    )
+    dcols, scols = ["d3", "d0", "d4", "d1", "d2"], sparse_cols[::-1]
+    ddf2 = dd.from_pandas(shuffled, npartitions=2)
+    with pytest.raises(ValueError, match="dense_columns: expected 5 columns, got 6"):
+        qd.predict(q, ddf2, client=client)  # "clicked" is a float column too
+    got2 = qd.predict(
+        q, ddf2, client=client, dense_columns=dcols, sparse_columns=sparse_cols
+    ).compute()
+    want2 = reference(q, ddf2, dcols, sparse_cols)
+    np.testing.assert_array_equal(got2["p"].to_numpy()[:, None], want2)
+    # the same features by name, whatever the frame's column order
+    np.testing.assert_array_equal(
+        want2, reference(q, dd.from_pandas(frame, npartitions=2), dcols, sparse_cols)
+    )
+    with pytest.raises(ValueError, match="sparse_columns: expected 3 columns, got 2"):
+        qd.predict(q, ddf2, client=client, dense_columns=dcols, sparse_columns=scols[:2])
 
 
 def test_run_main_job_inference(client, dlrm):
     m, _ = dlrm
     q = m.quantize()
     reqs = [q.random_inputs(16, pooling=3, seed=s) for s in range(4)]
+    # a model already used here carries process-local caches (table addresses): they must
+    # not travel (a worker trusting them would read freed memory and crash)
+    want = q.predict(*reqs[0])
     res = qd.run_main_job_inference(q, reqs, scheduler=client.scheduler.address, repeat=1)
+    np.testing.assert_array_equal(q.predict(*reqs[0]), want)  # the local model still works
     (r,) = res["results"]
     assert r["workers"] == 2 and r["samples"] == 64 and r["samples_per_s"] > 0
     assert r["max_abs_diff"] == 0.0

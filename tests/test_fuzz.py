@@ -98,8 +98,9 @@ def _assert_float(got, ref, mag, what=""):
     assert got.shape == ref.shape, (what, got.shape, ref.shape)
     fin = np.isfinite(ref)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(ref), err_msg=f"{what}: NaN pattern")
-    np.testing.assert_array_equal(got[~fin & ~np.isnan(ref)], ref[~fin & ~np.isnan(ref)],
-                                  err_msg=f"{what}: infinities")
+    np.testing.assert_array_equal(
+        got[~fin & ~np.isnan(ref)], ref[~fin & ~np.isnan(ref)], err_msg=f"{what}: infinities"
+    )
     err = np.abs(got[fin] - ref[fin])
     tol = FLOAT_REL * np.asarray(mag, np.float64)[fin] + FLOAT_ABS
     bad = err > tol
@@ -149,9 +150,16 @@ SCALES = st.sampled_from([1e-12, 3e-7, 0.01, 0.5, 1.0, 37.0, 1e4])
 
 
 @fuzz
-@given(gemm_case(), SCALES, SCALES, st.sampled_from(["tensor", "channel"]),
-       st.sampled_from([None, "float", "int"]), st.booleans(), st.booleans(),
-       st.integers(0, 255))
+@given(
+    gemm_case(),
+    SCALES,
+    SCALES,
+    st.sampled_from(["tensor", "channel"]),
+    st.sampled_from([None, "float", "int"]),
+    st.booleans(),
+    st.booleans(),
+    st.integers(0, 255),
+)
 def test_fuzz_quantized_linear(case, a_scale, w_scale, gran, bias_kind, relu, requant, a_zp):
     a, w, saturate, rng = case
     n = w.shape[0]
@@ -172,8 +180,7 @@ def test_fuzz_quantized_linear(case, a_scale, w_scale, gran, bias_kind, relu, re
     if requant:
         c_scale = np.float32(a_scale * w_scale * max(1, a.shape[1]) * 8)
         oq = qgemm.QParams(c_scale, 7)
-        got = qgemm.quantized_linear(a, aq, pw, bias, relu=relu, out_qparams=oq,
-                                     saturate=saturate)
+        got = qgemm.quantized_linear(a, aq, pw, bias, relu=relu, out_qparams=oq, saturate=saturate)
         ref = ref_output_requant(raw, a_scale, ws, c_scale, 7, bias, relu)
         assert got.dtype == np.uint8
         diff = np.abs(got.astype(np.int32) - ref.astype(np.int32))
@@ -189,10 +196,15 @@ def test_fuzz_quantized_linear(case, a_scale, w_scale, gran, bias_kind, relu, re
 
 
 @fuzz
-@given(st.tuples(SMALL | DIMS, DIMS, SMALL | DIMS), SEEDS,
-       st.sampled_from(["random", "denormal", "mixed"]),
-       st.sampled_from([1e-30, 1e-3, 1.0, 1e3, 1e30]), st.booleans(), st.booleans(),
-       st.sampled_from(S8_FLAVOURS))
+@given(
+    st.tuples(SMALL | DIMS, DIMS, SMALL | DIMS),
+    SEEDS,
+    st.sampled_from(["random", "denormal", "mixed"]),
+    st.sampled_from([1e-30, 1e-3, 1.0, 1e3, 1e30]),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from(S8_FLAVOURS),
+)
 def test_fuzz_linear(shape, seed, xf, mag, relu, strided, wf):
     m, k, n = shape
     rng = np.random.default_rng(seed)
@@ -205,8 +217,17 @@ def test_fuzz_linear(shape, seed, xf, mag, relu, strided, wf):
     ref = ref_linear_dynamic(x, w, ws, 0, bias, relu)
     qp = qgemm.choose_qparams(x) if x.size else qgemm.QParams(0.1, 0)
     # one activation code of slack per product: |w| * scale per element
-    mag_ = (np.abs(w.astype(np.int64)).sum(axis=1)[None, :] * float(qp.scale) * (255 + 1) * float(ws)
-            + np.abs(bias)[None, :]) if m else np.zeros((0, n))
+    mag_ = (
+        (
+            np.abs(w.astype(np.int64)).sum(axis=1)[None, :]
+            * float(qp.scale)
+            * (255 + 1)
+            * float(ws)
+            + np.abs(bias)[None, :]
+        )
+        if m
+        else np.zeros((0, n))
+    )
     _assert_float(got, ref, np.broadcast_to(mag_, ref.shape), "linear")
 
 
@@ -253,7 +274,8 @@ def bag_case(draw, dims=DIMS, kinds=TABLE_KINDS):
         t16 = table.astype(np.float16)
         if draw(st.booleans()) and t16.size:  # float16 infinities in the table
             t16.reshape(-1)[rng.integers(0, t16.size, 1 + t16.size // 10)] = rng.choice(
-                np.array([np.inf, -np.inf], np.float16), size=1 + t16.size // 10)
+                np.array([np.inf, -np.inf], np.float16), size=1 + t16.size // 10
+            )
         tab, vals, tmag = t16, t16.astype(np.float64), np.abs(t16.astype(np.float64))
     elif kind == "float32":
         tab, vals, tmag = table, table.astype(np.float64), np.abs(table.astype(np.float64))
@@ -286,22 +308,52 @@ def bag_case(draw, dims=DIMS, kinds=TABLE_KINDS):
     if mode == "sum" and draw(st.booleans()):
         psw = _f32(rng, (len(idx),), "random", 1.0)
     pad = draw(st.none() | st.integers(-rows, rows - 1))
-    return dict(tab=tab, vals=vals, tmag=tmag, idx=idx, offsets=offsets, lengths=lengths,
-                include_last=include_last, mode=mode, psw=psw, pad=pad)
+    return dict(
+        tab=tab,
+        vals=vals,
+        tmag=tmag,
+        idx=idx,
+        offsets=offsets,
+        lengths=lengths,
+        include_last=include_last,
+        mode=mode,
+        psw=psw,
+        pad=pad,
+    )
 
 
 def _check_bag(c):
     got = qgemm.embedding_bag(
-        c["tab"], c["idx"], c["offsets"], lengths=c["lengths"], mode=c["mode"],
-        per_sample_weights=c["psw"], include_last_offset=c["include_last"],
+        c["tab"],
+        c["idx"],
+        c["offsets"],
+        lengths=c["lengths"],
+        mode=c["mode"],
+        per_sample_weights=c["psw"],
+        include_last_offset=c["include_last"],
         padding_idx=c["pad"],
     )
     with np.errstate(invalid="ignore", over="ignore"):
-        ref = ref_embedding_bag(c["vals"], c["idx"], c["offsets"], c["lengths"], c["mode"],
-                                c["psw"], c["include_last"], c["pad"])
-        mag = ref_embedding_bag(c["tmag"], c["idx"], c["offsets"], c["lengths"], "sum",
-                                None if c["psw"] is None else np.abs(c["psw"]),
-                                c["include_last"], c["pad"])
+        ref = ref_embedding_bag(
+            c["vals"],
+            c["idx"],
+            c["offsets"],
+            c["lengths"],
+            c["mode"],
+            c["psw"],
+            c["include_last"],
+            c["pad"],
+        )
+        mag = ref_embedding_bag(
+            c["tmag"],
+            c["idx"],
+            c["offsets"],
+            c["lengths"],
+            "sum",
+            None if c["psw"] is None else np.abs(c["psw"]),
+            c["include_last"],
+            c["pad"],
+        )
     assert got.dtype == np.float32
     # Where the float64 reference overflows float32, the float32 result is +-inf.
     big = np.isfinite(ref) & (np.abs(ref) > np.finfo(np.float32).max)
@@ -326,16 +378,27 @@ def test_fuzz_embedding_bag(case):
 
 
 @fuzz
-@given(st.tuples(SMALL | DIMS, DIMS), SEEDS, st.sampled_from(["random", "denormal", "mixed"]),
-       st.sampled_from([1e-30, 1e-3, 1.0, 1e3, 1e30]),
-       st.sampled_from([1e-38, 1e-20, 1e-7, 0.05, 1.0, 1e4, 1e20, 3e38]),
-       st.sampled_from(["uint8", "int8"]), st.booleans(), st.sampled_from([None, 0, 1]),
-       st.booleans(), st.sampled_from([np.float32, np.float64, np.float16]))
+@given(
+    st.tuples(SMALL | DIMS, DIMS),
+    SEEDS,
+    st.sampled_from(["random", "denormal", "mixed"]),
+    st.sampled_from([1e-30, 1e-3, 1.0, 1e3, 1e30]),
+    st.sampled_from([1e-38, 1e-20, 1e-7, 0.05, 1.0, 1e4, 1e20, 3e38]),
+    st.sampled_from(["uint8", "int8"]),
+    st.booleans(),
+    st.sampled_from([None, 0, 1]),
+    st.booleans(),
+    st.sampled_from([np.float32, np.float64, np.float16]),
+)
 def test_fuzz_quantize(shape, seed, xf, mag, scale, dtype, reduce_range, axis, strided, xdt):
     rng = np.random.default_rng(seed)
     # float16 inputs: magnitudes that stay finite in float16 ("mixed" adds 1e3 x mag)
-    x = _view(rng, shape, lambda s: _f32(rng, s, xf, min(mag, 60.0) if xdt == np.float16
-                                         else mag), strided).astype(xdt)
+    x = _view(
+        rng,
+        shape,
+        lambda s: _f32(rng, s, xf, min(mag, 60.0) if xdt == np.float16 else mag),
+        strided,
+    ).astype(xdt)
     lo, hi = qgemm.qrange(dtype, reduce_range)
     if axis is None:
         zp = int(rng.integers(lo, hi + 1))
@@ -356,9 +419,13 @@ def test_fuzz_quantize(shape, seed, xf, mag, scale, dtype, reduce_range, axis, s
 
 
 @fuzz
-@given(st.tuples(st.integers(0, 12), DIMS), SEEDS, st.sampled_from(["random", "denormal",
-                                                                     "mixed"]),
-       st.sampled_from([1e-30, 1e-3, 1.0, 1e3, 3e4]), st.sampled_from([8, 4, 2]))
+@given(
+    st.tuples(st.integers(0, 12), DIMS),
+    SEEDS,
+    st.sampled_from(["random", "denormal", "mixed"]),
+    st.sampled_from([1e-30, 1e-3, 1.0, 1e3, 3e4]),
+    st.sampled_from([8, 4, 2]),
+)
 def test_fuzz_quantize_rowwise(shape, seed, flavour, mag, bits):
     rng = np.random.default_rng(seed)
     table = _f32(rng, shape, flavour, mag)
@@ -391,9 +458,13 @@ def models_case(draw):
     seed = draw(SEEDS)
     rng = np.random.default_rng(seed)
     k = draw(st.integers(1, 5))
-    spec = draw(st.lists(st.tuples(LEAF_DTYPES, st.sampled_from([(), (0,), (1,), (3, 5), (17,),
-                                                                  (40_000,)])),
-                         min_size=1, max_size=4))
+    spec = draw(
+        st.lists(
+            st.tuples(LEAF_DTYPES, st.sampled_from([(), (0,), (1,), (3, 5), (17,), (40_000,)])),
+            min_size=1,
+            max_size=4,
+        )
+    )
     mag = draw(st.sampled_from([1e-40, 1e-3, 1.0, 1e4, 1e300]))
     nested = draw(st.booleans())
     models = []
@@ -412,8 +483,7 @@ def models_case(draw):
     weights = [draw(st.sampled_from([0.0, 0.5, 1.0, 3.0, 1e-8, 1e8])) for _ in range(k)]
     if not any(weights):
         weights[draw(st.integers(0, k - 1))] = 1.0
-    return models, weights, draw(st.sampled_from(["max", "first", "round"])), draw(
-        st.booleans())
+    return models, weights, draw(st.sampled_from(["max", "first", "round"])), draw(st.booleans())
 
 
 @fuzz

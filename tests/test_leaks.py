@@ -44,8 +44,7 @@ def _ops():
     idx = rng.integers(0, 50, 20).astype(np.int64)
     off = np.array([0, 5, 9, 15], np.int64)
     out = np.empty((4, 8), np.float32)
-    models = [{"w": rng.standard_normal(10).astype(np.float32), "n": np.array(j)}
-              for j in range(3)]
+    models = [{"w": rng.standard_normal(10).astype(np.float32), "n": np.array(j)} for j in range(3)]
     return {
         "linear": lambda: qgemm.linear(x, pw, relu=True),
         "quantized_linear": lambda: qgemm.quantized_linear(xq, qp, pw, out_qparams=oq),

@@ -168,3 +168,69 @@ def test_saved_model(tmp_path, capsys):
     assert doc["config"]["rows"] == [30, 40] and doc["config"]["bottom"] == [3, 4]
     assert cli.main(["--model", str(tmp_path / "missing.npz"), "--no-progress"]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+# -- --workers / --scheduler: the int8 inference on a Dask cluster ---------------------------
+
+
+def test_cluster_options_parse():
+    parser = cli.build_parser()
+    args = parser.parse_args(["--workers", "1", "2"])
+    assert args.workers == [1, 2] and args.scheduler is None
+    args = parser.parse_args(["--scheduler", "tcp://127.0.0.1:8786"])
+    assert args.scheduler == "tcp://127.0.0.1:8786" and args.workers is None
+    assert parser.parse_args([]).workers is None
+    for bad in (["--workers", "0"], ["--workers"], ["--workers", "1", "--scheduler", "x"]):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args(bad)
+        assert exc.value.code == 2
+
+
+@pytest.fixture(scope="module")
+def workers_run():
+    """One run on a single-worker LocalCluster, tiny model (bounded by the subprocess
+    timeout)."""
+    pytest.importorskip("distributed", reason="--workers needs qgemm[distributed]")
+    return run_cli(*TINY, "--workers", "1", "--json", "--no-progress", timeout=300)
+
+
+def test_workers_json(workers_run):
+    """The JSON report carries the cluster's throughput; its predictions equal this
+    process's."""
+    out = workers_run
+    assert out.returncode == 0, out.stderr[-3000:]
+    doc = json.loads(out.stdout)  # still exactly one JSON document
+    cl = doc["cluster"]
+    assert cl["engine"] == "dask.distributed" and cl["scheduler"] is None
+    assert cl["threads_per_worker"] == 1
+    assert cl["local_int8_samples_per_s"] == doc["int8"]["throughput"]
+    (r,) = cl["results"]
+    assert r["workers"] == 1 and r["batches"] == 4 and r["samples"] == 4 * 16
+    assert r["samples_per_s"] > 0 and r["seconds"] > 0
+    assert r["max_abs_diff"] == 0.0  # the same int8 model, the same bits on the worker
+    assert r["x_local"] == pytest.approx(r["samples_per_s"] / cl["local_int8_samples_per_s"])
+
+
+def test_workers_text_report(workers_run, capsys):
+    from qgemm.bench import main_job
+
+    assert workers_run.returncode == 0, workers_run.stderr[-3000:]
+    doc = json.loads(workers_run.stdout)
+    main_job._print_cluster(doc["cluster"], doc["config"])
+    text = capsys.readouterr().out
+    assert "LocalCluster of single-threaded worker processes" in text
+    assert "4 batches x 16" in text and "samples/s" in text and "x this process" in text
+    (r,) = doc["cluster"]["results"]
+    row = next(ln.split() for ln in text.splitlines() if ln.split()[:1] == ["1"])
+    assert row[1] == f"{r['samples_per_s']:,.0f}" and row[2] == f"{r['x_local']:.2f}x"
+    doc["cluster"]["scheduler"] = "tcp://scheduler.example:8786"
+    main_job._print_cluster(doc["cluster"], doc["config"])
+    assert "the workers of tcp://scheduler.example:8786" in capsys.readouterr().out
+
+
+def test_workers_without_dask(monkeypatch, capsys):
+    from qgemm.bench import main_job
+
+    monkeypatch.setattr(main_job, "_have_distributed", lambda: False)
+    assert cli.main([*TINY, "--workers", "2", "--no-progress"]) == 2
+    assert "--workers: needs Dask" in capsys.readouterr().err

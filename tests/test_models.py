@@ -227,6 +227,25 @@ def test_quantized_tables_exact_to_dequantized_reference(model, bits, rng):
     )
 
 
+def test_embeddings_table_batched_over_mixed_bits(model, rng):
+    """The qgemm engine pools every table in one table-batched call (issue 16), tables of
+    different bits included, with the per-table loop's result."""
+    tables = [qgemm.quantize_rowwise(t, bits=(8, 4, 2)[k % 3]) for k, t in enumerate(model.tables)]
+    mixed = DLRM(model.bottom, model.top, tables)
+    dense = rng.random((9, model.num_dense), dtype=np.float32)
+    indices, offsets = bags_with_empties(model, 9, rng)
+    before = qgemm.cache_info().families["embedding_bags"]
+    got = mixed.predict(dense, indices, offsets)
+    after = qgemm.cache_info().families["embedding_bags"]
+    assert after.hits + after.misses == before.hits + before.misses + 1  # one call, all tables
+    deq = [t.dequantize() for t in tables]
+    np.testing.assert_allclose(got, ref(model, dense, indices, offsets, tables=deq), atol=FLOAT_TOL)
+    emb = mixed._embed(mixed._check_inputs(dense, indices, offsets)[1], 9)
+    for k, t in enumerate(tables):
+        one = qgemm.embedding_bag(t, indices[k], offsets[k])
+        np.testing.assert_allclose(emb[k], one, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("batch", [1, 3, 64])
 def test_int8_forward_close_to_reference(model, qmodel, batch):
     assert qmodel.precision == "int8" and qmodel.table_bits == 8

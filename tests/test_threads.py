@@ -36,8 +36,9 @@ def _layer_available(layer: str) -> bool:
     """Whether Numba can load ``layer`` here (checked in a subprocess: loading a pool library
     into this process could change the layer the rest of the suite uses)."""
     code = f"import numba.np.ufunc.{_POOL_MODULE[layer]}"
-    proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=_env(), capture_output=True, timeout=120
+    )
     return proc.returncode == 0
 
 

@@ -58,6 +58,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+from numba.np.arrayobj import populate_array
 
 from .._cache import kernel_family
 from .._config import fastmath_flags
@@ -109,6 +112,31 @@ ERRORS = {
 }
 
 _CACHE_LINE = 64
+
+
+@intrinsic
+def out_row(typingctx, arr, row):
+    """Row ``row`` of a C-contiguous 2-D array as a 1-D view, without the meminfo reference
+    counting of ``arr[row]`` (two atomic operations per bag in a ``prange``; the view never
+    outlives ``arr``).  ``row`` must be in range."""
+    if not isinstance(arr, types.Array) or arr.ndim != 2 or arr.layout != "C":
+        return None
+    rowty = types.Array(arr.dtype, 1, "C")
+
+    def codegen(context, builder, signature, args):
+        src = context.make_array(signature.args[0])(context, builder, args[0])
+        ary = context.make_array(rowty)(context, builder)
+        ncols = cgutils.unpack_tuple(builder, src.shape, 2)[1]
+        ptr = builder.gep(src.data, [builder.mul(args[1], ncols)])
+        itemsize = context.get_constant(
+            types.intp, context.get_abi_sizeof(context.get_data_type(arr.dtype))
+        )
+        populate_array(
+            ary, data=ptr, shape=[ncols], strides=[itemsize], itemsize=itemsize, meminfo=None
+        )
+        return ary._getvalue()
+
+    return rowty(arr, types.intp), codegen
 
 
 @kernel_family("check_bags")
@@ -235,8 +263,10 @@ def embedding_bag_kernel(key):
     PF = PREFETCH
     PF_ALL = PREFETCH_ALL_LINES
     HAS_PF = PF > 0
-    PF_TAIL = PREFETCH_TAIL
     LINE = _CACHE_LINE
+    # The tail line is the last full line already when float rows fill whole lines (the usual
+    # dims; numpy's large tables start on a line): one redundant prefetch per row less.
+    PF_TAIL = PREFETCH_TAIL and (QUANT or NEED % LINE != 0)
     loop = prange if parallel else range
     sig = signature(key)
     fastmath = fastmath_flags()
@@ -303,7 +333,7 @@ def embedding_bag_kernel(key):
             else:
                 s = np.int64(offs[b])
                 e = np.int64(offs[b + 1]) if b + 1 < n_offs else n
-            orow = out[b]
+            orow = out_row(out, b)
             if VEC:
                 # ---- specialised: vector updates of a register-resident accumulator ----
                 acc = stack_array(ACC)

@@ -46,7 +46,7 @@ from numba.extending import overload
 
 from .._cache import kernel_family
 from .._tuning import GEMM_QUANTIZE_PARALLEL_MIN_ELEMS as PAR_ELEMS
-from .gemm_ukernel import AVX2_EXACT, AVX2_FAST, VNNI, atomic_next, ukr
+from .gemm_ukernel import AVX2_EXACT, AVX2_FAST, AVX2_WIDE, VNNI, VNNI256, atomic_next, ukr
 from .gemm_ukernel import RAW as MODE_RAW
 from .output_stage import MODES, PAD, STAGE_TYPES, OutputStage, ep_float, ep_requant, lower
 from .quantize import choose_qparams_scalar
@@ -58,13 +58,15 @@ VARIANTS = {
     "vnni": VNNI,
     "avx2": AVX2_FAST,
     "avx2x": AVX2_EXACT,
+    "avx2w": AVX2_WIDE,
     "avx2s": AVX2_FAST,
+    "vnni256": VNNI256,
     "portable": PORTABLE,
     "portables": PORTABLE_SAT,
 }
 
 INT16_MAX = 32767
-NATIVE_VARIANTS = (VNNI, AVX2_FAST, AVX2_EXACT)
+NATIVE_VARIANTS = (VNNI, AVX2_FAST, AVX2_EXACT, AVX2_WIDE, VNNI256)
 # Parallelise the explicit prange loops only: with plain parallel=True, Numba turns every array
 # expression (np.zeros, a[:] = b, ...) into a parallel region of its own -- one fork/join each
 # (~3 us apiece on 2 cores, and a stall whenever a core is busy).
@@ -220,18 +222,21 @@ def _signature(kind: str):
     out2 = types.Array(out_t, 2, "C")
     first = x2 if kind == "dynamic" else a2
     i64 = types.int64
-    # (a, M, K, KG, b, N, NP, pairmax, *stage, nchunks, nthreads, out) -> int64
-    return types.int64(first, i64, i64, i64, b1, i64, i64, i64, *STAGE_TYPES, i64, i64, out2)
+    # (a, M, K, KG, b, b16, N, NP, pairmax, *stage, nchunks, nthreads, out) -> int64
+    return types.int64(first, i64, i64, i64, b1, b1, i64, i64, i64, *STAGE_TYPES, i64, i64, out2)
 
 
 @kernel_family("gemm")
 def gemm_kernel(key):
     """Build the GEMM kernel for ``key = (kind, fast, exact, MR, NV, NR, parallel)``.
 
-    Called as ``kern(a, M, K, KG, b, N, NP, pairmax, *stage, nchunks, nthreads, out)`` with
-    ``stage`` an :class:`~.output_stage.OutputStage`.  Returns -1 on success; otherwise nothing
-    is written to ``out`` and the result is the flat index of the first non-finite activation
-    (dynamic kind), or ``-2 - j`` for a non-finite float bias at column ``j``.
+    Called as ``kern(a, M, K, KG, b, b16, N, NP, pairmax, *stage, nchunks, nthreads, out)``
+    with ``stage`` an :class:`~.output_stage.OutputStage` and ``b16`` the int16 twin of the
+    packed weight (bytes; ``PackedWeight._wide``) when the exact variant is ``avx2w`` and the
+    weight can saturate ``vpmaddubsw`` (else any int8 array: it is not read).  Returns -1 on
+    success; otherwise nothing is written to ``out`` and the result is the flat index of the
+    first non-finite activation (dynamic kind), or ``-2 - j`` for a non-finite float bias at
+    column ``j``.
     """
     kind, fast_name, exact_name, MR, NV, NR, parallel = key
     if kind not in KINDS:
@@ -239,6 +244,7 @@ def gemm_kernel(key):
     V_FAST = VARIANTS[fast_name]
     V_EXACT = VARIANTS[exact_name]
     CHOOSE = V_FAST != V_EXACT  # pick fast/exact at run time by the saturation bound
+    WIDE = V_EXACT == AVX2_WIDE  # the exact variant reads int16 operands
     RAW = kind == "raw"
     FLOAT = kind in ("float", "dynamic")
     DYN = kind == "dynamic"
@@ -255,7 +261,7 @@ def gemm_kernel(key):
         nogil=True,
         error_model="numpy",
     )
-    def gemm(a, M, K, KG, b, N, NP, pairmax, w_zero_point, has_w_zero_point, w_colsum,
+    def gemm(a, M, K, KG, b, b16, N, NP, pairmax, w_zero_point, has_w_zero_point, w_colsum,
              w_scale, x_zero_point, x_scale, x_qmax, int_bias, float_bias, relu, out_scale,
              out_zero_point, out_qmax, nchunks, nthreads, out):  # fmt: skip
         stage = OutputStage(w_zero_point, has_w_zero_point, w_colsum, w_scale, x_zero_point,
@@ -314,6 +320,17 @@ def gemm_kernel(key):
                         amax = max(amax, np.int64(aq[i, k]))
         use_fast = (not CHOOSE) or amax * pairmax <= INT16_MAX
         lda = aq.strides[0]
+        if WIDE:
+            # the exact variant's int16 activations (KP = 4 KG readable bytes per row of aq)
+            mw = 0 if use_fast else M
+            a16 = np.empty((mw, KP), np.int16)
+            for i in range(mw):
+                ar = aq[i]
+                wr = a16[i]
+                for k in range(KP):
+                    wr[k] = ar[k]
+            aw = a16.view(np.uint8)
+            ldaw = 2 * KP
         # ---- the output stage: row sums, then the microkernels' operands (one place)
         has_bzp = stage.has_w_zero_point
         rowsum = np.zeros(M, np.int64)
@@ -384,6 +401,11 @@ def gemm_kernel(key):
                             _tile_fused(aq, i0, lda, b, boff, bstride, KG, init, mr, dst, o_off,
                                         ldo, p1, p2, bzp, rowsum, j0, s1, s2, s3, MR, NV,
                                         V_FAST, MODE)  # fmt: skip
+                        elif WIDE:
+                            boffw = p * 2 * KG * NP * 4 + (j0 - p * NP) * 4
+                            _tile_fused(aw, i0, ldaw, b16, boffw, bstride, 2 * KG, init, mr, dst,
+                                        o_off, ldo, p1, p2, bzp, rowsum, j0, s1, s2, s3, MR, NV,
+                                        V_EXACT, MODE)  # fmt: skip
                         else:
                             _tile_fused(aq, i0, lda, b, boff, bstride, KG, init, mr, dst, o_off,
                                         ldo, p1, p2, bzp, rowsum, j0, s1, s2, s3, MR, NV,

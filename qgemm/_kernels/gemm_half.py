@@ -28,7 +28,8 @@ over ``k``).
 Kernel keys (``kernel_family("gemm_half")``)
 --------------------------------------------
 ``(isa, wtype, relu, has_bias, parallel, MR)``: ``isa`` from :func:`qgemm._config.get_isa`
-(``"portable"``, ``"avx2"``, ``"avx512vnni"``), ``wtype`` ``"float16"`` or ``"bfloat16"``.
+(``"portable"``, ``"avx2"``, ``"avxvnni"``, ``"avx512vnni"``; the tile from
+:attr:`qgemm._isa.IsaPath.half`), ``wtype`` ``"float16"`` or ``"bfloat16"``.
 Every kernel has the signature ``(x, m, k, b, n, out, bias, mrows) -> None``: ``x`` the
 ``[m, k]`` float32 activations (any non-negative row stride, unit inner stride), ``b`` the
 packed uint16 codes, ``out`` the flat C-contiguous ``[m, n]`` float32 result, ``bias`` float32
@@ -47,8 +48,9 @@ from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
+from .. import _isa
 from .._cache import kernel_family
-from .._tuning import HALF_MR_AVX2, HALF_MR_AVX512, HALF_PORTABLE_KC
+from .._tuning import HALF_PORTABLE_KC
 
 PANEL = 16
 """Output columns per packed panel (all ISAs share the layout, so packing is ISA-free)."""
@@ -81,14 +83,13 @@ _F32 = ir.FloatType()
 
 
 def tile_shape(isa: str) -> tuple[int, int, int]:
-    """``(MR, NV, LANES)`` of the register tile for ``isa`` (``NV * LANES == PANEL``)."""
-    if isa == "avx512vnni":
-        return HALF_MR_AVX512, 1, 16
-    if isa == "avx2":
-        return HALF_MR_AVX2, 2, 8
-    if isa == "portable":
-        return HALF_MR_AVX2, 2, 8  # MR only sets the task granularity on this path
-    raise ValueError(f"isa: expected one of ('portable', 'avx2', 'avx512vnni'), got {isa!r}")
+    """``(MR, NV, LANES)`` of the register tile for ``isa`` (``NV * LANES == PANEL``), from the
+    ISA table (:attr:`qgemm._isa.IsaPath.half`)."""
+    try:
+        t = _isa.path(isa).half
+    except KeyError:
+        raise ValueError(f"isa: expected one of {_isa.ISA_PATHS}, got {isa!r}") from None
+    return t.mr, t.nv, t.nr // t.nv
 
 
 # --------------------------------------------------------------------------- microkernel

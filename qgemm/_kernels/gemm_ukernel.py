@@ -40,6 +40,19 @@ Variants (``NR`` = columns per tile):
     AVX2, exact for every input: each activation byte is split as ``a = (a & 0x7f) + 128 *
     (a >> 7)``; both halves go through ``vpmaddubsw`` without saturating (|pair| <= 32512),
     the high half is weighted by 128 in ``vpmaddwd``.  About 0.6x the fast variant.
+``AVX2_WIDE`` (3)
+    AVX2, exact for every input: int16 activations x int16 weights, ``vpmaddwd`` (two exact
+    ``i16 x i16`` products summed into int32; ``|x| <= 255``, ``|w| <= 128`` cannot overflow)
+    and ``vpaddd``.  Operands are pre-widened: the activation rows are int16, the weight is
+    the int16 twin of the panel (``PackedWeight._wide``), and a "k-group"
+    is a *pair* of ``k`` (4 bytes of each operand, so the byte layout and strides are those
+    of the int8 panel with twice the groups).  The same number of multiplies as
+    ``AVX2_FAST`` (one ``vpmaddwd`` per 16 MACs instead of ``vpmaddubsw`` + ``vpmaddwd`` per
+    32), twice the weight bytes.
+``VNNI256`` (4)
+    AVX-VNNI (CPUs with VNNI but without AVX-512: Intel Alder Lake and later client cores,
+    Sierra Forest): the ``VNNI`` loop on ymm registers (VEX ``vpdpbusd``, 8 columns per
+    vector); exact.  ``NR = 8 * NV``.
 
 Accumulators are allocas in the entry block (LLVM promotes them to registers); all vector
 loads and stores are unaligned (``align 1``), so numpy buffers of any alignment are safe.
@@ -56,6 +69,8 @@ from numba.extending import intrinsic
 VNNI = 0
 AVX2_FAST = 1
 AVX2_EXACT = 2
+AVX2_WIDE = 3
+VNNI256 = 4
 
 # Output stages (MODE literal)
 RAW = 1
@@ -79,11 +94,13 @@ def _emit_tile(
     builder, module, a_base, lda, b_base, bstride, kgroups, init_base, outp, rows, nv, variant
 ):
     """Emit the k loop of one ``rows x NR`` tile and the store of its accumulators."""
-    if variant == VNNI:
-        lanes = 16
-        acc_t = ir.VectorType(_I32, 16)
+    if variant in (VNNI, VNNI256):
+        lanes = 16 if variant == VNNI else 8
+        acc_t = ir.VectorType(_I32, lanes)
         fn = cgutils.get_or_insert_function(
-            module, ir.FunctionType(acc_t, [acc_t, acc_t, acc_t]), "llvm.x86.avx512.vpdpbusd.512"
+            module,
+            ir.FunctionType(acc_t, [acc_t, acc_t, acc_t]),
+            f"llvm.x86.avx512.vpdpbusd.{32 * lanes}",
         )
     else:
         lanes = 8
@@ -122,11 +139,18 @@ def _emit_tile(
         for r in range(rows):
             pa = builder.bitcast(builder.gep(a_rows[r], [k4]), _I32.as_pointer())
             a32 = builder.load(pa, align=1)
-            if variant == VNNI:
+            if variant in (VNNI, VNNI256):
                 av = _splat(builder, a32, acc_t)
                 for v in range(nv):
                     acc = builder.load(accs[r][v])
                     builder.store(builder.call(fn, [acc, av, bv[v]]), accs[r][v])
+            elif variant == AVX2_WIDE:
+                # a32 = two int16 activations (k, k + 1); bv[v] = 8 columns x 2 int16 weights
+                av = builder.bitcast(_splat(builder, a32, acc_t), w16_t)
+                for v in range(nv):
+                    t = builder.call(maddwd, [av, builder.bitcast(bv[v], w16_t)])
+                    acc = builder.load(accs[r][v])
+                    builder.store(builder.add(acc, t), accs[r][v])
             elif variant == AVX2_FAST:
                 av = builder.bitcast(_splat(builder, a32, acc_t), b8_t)
                 for v in range(nv):

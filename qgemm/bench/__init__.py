@@ -22,6 +22,7 @@ SUITES: dict[str, str] = {
     "gemm_half": "qgemm.bench.gemm_half",
     "distributed": "qgemm.bench.distributed",
     "uncertainty": "qgemm.bench.uncertainty",
+    "first_call": "qgemm.bench.first_call",
 }
 """``python -m qgemm bench --only NAME`` -> the module whose ``run`` builds that suite's tables
 (imported only when the suite runs, so a suite's optional peers cost nothing elsewhere)."""

@@ -62,7 +62,9 @@ def _average_table(client: Any, quick: bool) -> Table:
     import qgemm.distributed as qd
 
     n_params = N_PARAMS // 10 if quick else N_PARAMS
-    addrs = sorted(client.scheduler_info()["workers"])
+    from qgemm.distributed._common import worker_table
+
+    addrs = sorted(worker_table(client))
     futs = [
         client.submit(_make_model, n_params, i, workers=[addrs[i % 2]], pure=False)
         for i in range(N_MODELS)
@@ -136,8 +138,9 @@ def _inference_table(quick: bool) -> Table:
 
 def _training_table(client: Any, quick: bool) -> Table:
     import qgemm.distributed as qd
+    from qgemm.distributed._common import worker_table
 
-    names = [w["name"] for w in client.scheduler_info()["workers"].values()]
+    names = [w["name"] for w in worker_table(client).values()]
     init = {"w": np.zeros(64, np.float32)}
     rows = []
     for n in (1000, 20_000) if quick else (10_000, 200_000):

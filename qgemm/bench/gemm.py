@@ -11,10 +11,15 @@ rounds with a pause between runtimes (:func:`qgemm.bench._timing.compare`), medi
   ORT's ``com.microsoft.DynamicQuantizeMatMul`` (with bias), and numpy float32 ``x @ w.T + b``;
 * the int8 ceiling of this machine: the VNNI (or AVX2) register tile on L1-resident data, all
   threads -- large shapes are reported as a fraction of it;
-* packing time vs torch's ``linear_prepack``, and kernel compile/load times.
+* packing time vs torch's ``linear_prepack``, and kernel compile/load times;
+* static with 7-bit activations (``choose_qparams(x, reduce_range=True)``: ``vpmaddubsw``
+  cannot saturate, every runtime is exact);
+* the fixed per-call cost at small batch (:func:`call_overhead`) and the fraction of weight
+  pairs that could saturate ``vpmaddubsw`` (:func:`saturating_pairs`).
 
-Activations are full-range uint8 (0..255): exact on every qgemm path; torch's FBGEMM is exact
-here only because this CPU has AVX-512 VNNI (it saturates on AVX2-only CPUs).
+Activations are full-range uint8 (0..255) in the main static table: exact on every qgemm path
+(on AVX2, qgemm's int16 ``vpmaddwd`` path); torch's FBGEMM and ORT's MLAS are exact only on
+VNNI CPUs -- on AVX2-only CPUs their ``vpmaddubsw`` saturates (up to 255 LSB off).
 """
 
 from __future__ import annotations
@@ -68,14 +73,15 @@ def _ort():
 class Case:
     """Inputs of one shape, quantized for every runtime (same data everywhere)."""
 
-    def __init__(self, m: int, n: int, k: int, seed: int = 0):
+    def __init__(self, m: int, n: int, k: int, seed: int = 0, reduce_range: bool = False):
         rng = np.random.default_rng(seed)
         self.shape = (m, n, k)
         self.w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)
         self.bias = (rng.standard_normal(n) * 0.1).astype(np.float32)
         self.x = rng.standard_normal((m, k)).astype(np.float32)
         self.pw = pack_weight(self.w)
-        self.xqp = choose_qparams(self.x)  # full-range uint8 activations
+        # full-range uint8 activations (7-bit with reduce_range)
+        self.xqp = choose_qparams(self.x, reduce_range=reduce_range)
         self.xq = quantize(self.x, self.xqp)
         y = np.maximum(self.x @ self.w.T + self.bias, 0)
         self.oqp = choose_qparams(y)
@@ -212,13 +218,8 @@ def int8_ceiling(seconds: float = 0.3) -> float:
     all qgemm threads: the VNNI 6x64 tile, or the AVX2 4x16 tile (``vpmaddubsw``)."""
     from .._kernels.gemm import ceiling_kernel
 
-    isa = _config.get_isa()
-    if isa == "avx512vnni":
-        variant, mr, nv, nr = "vnni", 6, 4, 64
-    elif isa == "avx2":
-        variant, mr, nv, nr = "avx2", 4, 2, 16
-    else:
-        variant, mr, nv, nr = "portable", 4, 1, 16
+    variant, tile = _config.isa_path().ceiling
+    mr, nv, nr = tile.mr, tile.nv, tile.nr
     kern = ceiling_kernel((variant, mr, nv, nr))
     threads = _config.sync_threads()
     kg = 64
@@ -263,6 +264,100 @@ def pack_times(shapes: Sequence[tuple[int, int, int]], torch: Any) -> Table:
         ["N x K", "qgemm int8", "qgemm float32 (+quantize)", "torch prepack", "vs torch"],
         rows,
         ["torch prepack is given an already quantized qint8 tensor, like 'qgemm int8'"],
+    )
+
+
+def _best(fn: Callable[[], Any], reps: int = 2000, repeat: int = 5) -> float:
+    """Best-of-``repeat`` seconds per call over ``reps`` back-to-back calls."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
+
+
+def call_overhead(
+    shapes: Sequence[tuple[int, int, int]] = ((1, 128, 512), (16, 128, 512)),
+) -> Table:
+    """Where the time of a small-batch call goes: the public call, the compiled kernel called
+    directly (no validation, plan or stage look-up), and the kernel with ``M = 0`` (dispatch
+    of its arguments + its fixed set-up: bias check, operand lowering, scratch).  The
+    difference kernel - kernel(M=0) is the arithmetic (incl. activation quantization)."""
+    from .. import gemm as _g
+
+    rows = []
+    for m, n, k in shapes:
+        c = Case(m, n, k)
+        pw = c.pw
+        a: np.ndarray
+        out: np.ndarray
+        for kind in ("dynamic", "requant"):
+            if kind == "dynamic":
+                call = c.qgemm_dynamic()
+                seven = _g._plan(kind, m, pw, False).seven  # linear(reduce_range=None)'s choice
+                stage = _g._stage(pw, kind, bias=c.bias, x_qmax=127 if seven else 255)
+                a, out = c.x, c.out_f32
+            else:
+                call = c.qgemm_static()
+                stage = _g._stage(pw, kind, c.xqp, c.oqp, c.bias, True)
+                a, out = c.xq, c.out_u8
+            call()
+            plan = _g._plan(kind, m, pw, False)
+            head = (*plan.head, *stage, plan.nchunks)
+            args = (a, m, k, *head, 1, out)
+            args0 = (a[:0], 0, k, *head, 1, out[:0])
+            t_call = _best(call)
+            kern = plan.ser
+
+            def full(kern: Any = kern, args: tuple = args) -> Any:
+                return kern(*args)
+
+            def empty(kern: Any = kern, args: tuple = args0) -> Any:
+                return kern(*args)
+
+            t_kern = _best(full)
+            t_zero = _best(empty)
+            us = [t_call * 1e6, t_kern * 1e6, t_zero * 1e6]
+            rows.append([f"{m}x{n}x{k}", kind, *us, us[0] - us[1], us[1] - us[2]])
+    return Table(
+        "GEMM per-call cost at small batch (us, serial kernel, best of 5)",
+        ["M x N x K", "kind", "call", "kernel", "kernel M=0", "wrapper", "arithmetic"],
+        rows,
+        ["wrapper = validation + plan/stage look-up; kernel M=0 = argument dispatch + set-up"],
+    )
+
+
+def saturating_pairs() -> Table:
+    """Fraction of int8 weight pairs ``(k, k + 1)`` with ``255 * (|w0| + |w1|) > 32767`` (those
+    that could saturate ``vpmaddubsw``), and of 16-column tiles holding at least one, for
+    per-channel symmetric weights (:func:`qgemm.pack_weight`) of a few distributions."""
+    from ..models import DLRM
+
+    rng = np.random.default_rng(0)
+    mats = [
+        ("gaussian 256x512", rng.standard_normal((256, 512))),
+        ("gaussian 1024x1024", rng.standard_normal((1024, 1024))),
+        ("uniform (nn.Linear init) 256x512", rng.uniform(-1, 1, (256, 512))),
+    ]
+    dlrm = DLRM.random(tables=1, rows=8, dim=64, bottom=(13, 512, 256, 64), top=(512, 256, 1))
+    for w, _ in dlrm.bottom + dlrm.top:
+        w = np.asarray(w)
+        mats.append((f"DLRM.random layer {w.shape[0]}x{w.shape[1]}", w))
+    rows = []
+    for label, w in mats:
+        codes = pack_weight(np.asarray(w, np.float32)).unpack().astype(np.int64)
+        n, k = codes.shape
+        pairs = np.abs(codes[:, : k - k % 2]).reshape(n, -1, 2).sum(axis=-1)
+        sat = 255 * pairs > 32767
+        tiles = sat[: n - n % 16].reshape(-1, 16, sat.shape[1]).any(axis=1)
+        rows.append([label, 100 * sat.mean(), 100 * tiles.mean() if tiles.size else NAN])
+    return Table(
+        "int8 weight pairs that could saturate vpmaddubsw (per-channel symmetric), %",
+        ["weights", "pairs", "16-column tiles with one"],
+        rows,
     )
 
 
@@ -322,8 +417,9 @@ def run(*, quick: bool = False, progress: Any = None) -> list[Table]:
     ceiling = int8_ceiling()
     if progress is not None:
         progress.step("int8 ceiling")
-    static_rows, dyn_rows = [], []
+    static_rows, dyn_rows, s7_rows = [], [], []
     r_fb_s, r_ort_s, r_fb_d, r_ort_d, small_fb, small_ort = [], [], [], [], [], []
+    r_fb_7, r_ort_7 = [], []
     for m, n, k in shapes:
         c = Case(m, n, k)
         ops = 2.0 * m * n * k
@@ -368,6 +464,17 @@ def run(*, quick: bool = False, progress: Any = None) -> list[Table]:
         )
         r_fb_d.append(tf / tq)
         r_ort_d.append(to / tq)
+        c7 = Case(m, n, k, reduce_range=True)
+        cont = {"qgemm": c7.qgemm_static()}
+        if torch is not None:
+            cont["fbgemm"] = c7.torch_static(torch)
+        if ort:
+            cont["ort"] = c7.ort_static()
+        ts = compare(cont, rounds=rounds)
+        tq, tf, to = ts["qgemm"], ts.get("fbgemm", NAN), ts.get("ort", NAN)
+        s7_rows.append([f"{m}x{n}x{k}", tq * 1e6, tf * 1e6, to * 1e6, tf / tq, to / tq])
+        r_fb_7.append(tf / tq)
+        r_ort_7.append(to / tq)
         if progress is not None:
             progress.step(f"{m}x{n}x{k}")
     isa = _config.get_isa()
@@ -393,7 +500,14 @@ def run(*, quick: bool = False, progress: Any = None) -> list[Table]:
         dyn_rows,
         [f"geomean vs fbgemm {geomean(r_fb_d):.2f}x, vs ort {geomean(r_ort_d):.2f}x"],
     )
-    tables = [static, dynamic]
+    static7 = Table(
+        f"GEMM static, 7-bit activations (reduce_range): quantized_linear vs FBGEMM linear_relu "
+        f"/ ORT QLinearMatMul, us ({isa}, {threads} threads)",
+        ["M x N x K", "qgemm", "fbgemm", "ort", "vs fbgemm", "vs ort"],
+        s7_rows,
+        [f"geomean vs fbgemm {geomean(r_fb_7):.2f}x, vs ort {geomean(r_ort_7):.2f}x"],
+    )
+    tables = [static, dynamic, static7, call_overhead(), saturating_pairs()]
     pack_shapes = [(1, 128, 128), (1, 1024, 1024)]
     if not quick:
         pack_shapes += [(1, 4096, 1024), (1, 4096, 2048)]

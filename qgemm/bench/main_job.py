@@ -231,6 +231,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stdout carries exactly one JSON document (progress stays on stderr)",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _add_cluster_arguments(parser)
+
+
+def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--workers N [N ...]`` / ``--scheduler ADDR``: the int8 model's inference on a Dask
+    cluster too (needs ``qgemm[distributed]``), throughput per worker count."""
+    g = parser.add_argument_group(
+        "cluster (needs qgemm[distributed]): the int8 inference on Dask workers as well"
+    )
+    x = g.add_mutually_exclusive_group()
+    x.add_argument(
+        "--workers",
+        type=_positive(int),
+        nargs="+",
+        metavar="N",
+        default=None,
+        help="also score the click log on a LocalCluster of N single-threaded worker "
+        "processes, once per N given (e.g. --workers 1 2)",
+    )
+    x.add_argument(
+        "--scheduler",
+        metavar="ADDR",
+        default=None,
+        help="also score the click log on the workers of the running Dask scheduler at ADDR",
+    )
 
 
 def _time_block(
@@ -333,7 +358,14 @@ def run(args: argparse.Namespace) -> int:
     if len(bottom) < 2:
         print("--bottom: expected at least the dense-feature count", file=sys.stderr)
         return 2
-    progress = Progress(5 + 2 * args.rounds, label="qgemm main job", enabled=not args.no_progress)
+    on_cluster = bool(getattr(args, "workers", None) or getattr(args, "scheduler", None))
+    if on_cluster and not _have_distributed():
+        opt = "--workers" if args.workers else "--scheduler"
+        print(f"{opt}: needs Dask: pip install 'qgemm[distributed]'", file=sys.stderr)
+        return 2
+    progress = Progress(
+        5 + 2 * args.rounds + on_cluster, label="qgemm main job", enabled=not args.no_progress
+    )
     build: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -392,6 +424,16 @@ def run(args: argparse.Namespace) -> int:
     pf = np.concatenate([model.predict(*b).reshape(-1) for b in log])
     pq = np.concatenate([qmodel.predict(*b).reshape(-1) for b in log])
     acc = _accuracy(pf, pq, args.batch, args.topk)
+    cluster = None
+    if on_cluster:
+        where = f"scheduler {args.scheduler}" if args.scheduler else f"{args.workers} workers"
+        progress.step(f"cluster inference ({where})")
+        try:
+            cluster = _run_cluster(args, qmodel, log, summ["int8"]["throughput"])
+        except (OSError, TimeoutError) as exc:
+            progress.close()
+            print(f"--scheduler: cannot use {args.scheduler!r}: {exc}", file=sys.stderr)
+            return 2
     progress.close()
 
     mem = {"float32": model.memory(), "int8": qmodel.memory()}
@@ -438,10 +480,14 @@ def run(args: argparse.Namespace) -> int:
             },
             "accuracy": acc,
         }
+        if cluster is not None:
+            doc["cluster"] = cluster
         print(json.dumps(doc, indent=2))
         sys.stdout.flush()
         return 0
     _print_report(config, info, build, summ, speedup, mem, acc)
+    if cluster is not None:
+        _print_cluster(cluster, config)
     sys.stdout.flush()
     return 0
 
@@ -512,3 +558,53 @@ def _print_report(config, info, build, summ, speedup, mem, acc) -> None:
         f"{acc['top1_agreement']:.1%} of batches; global top-1%: "
         f"{acc['global_top1pct_overlap']:.1%} overlap"
     )
+
+
+# -- the main job on a Dask cluster (--workers / --scheduler) -------------------------------
+
+
+def _have_distributed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("distributed") is not None
+
+
+def _run_cluster(args: argparse.Namespace, qmodel: Any, log: list, local: float) -> dict:
+    """The int8 model scored over the click log on the cluster(s): throughput per worker
+    count (:func:`qgemm.distributed.run_main_job_inference`, fastest of ``--rounds``
+    passes), next to this process's int8 throughput."""
+    import logging
+
+    from ..distributed import run_main_job_inference
+
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # keep stderr to the progress
+    res = run_main_job_inference(
+        qmodel, log, workers=args.workers, scheduler=args.scheduler, repeat=args.rounds
+    )
+    for r in res["results"]:
+        r["x_local"] = r["samples_per_s"] / local if local > 0 else None
+    return {
+        "engine": "dask.distributed",
+        "scheduler": res["scheduler"],
+        "threads_per_worker": None if args.scheduler else 1,
+        "local_int8_samples_per_s": local,
+        "results": res["results"],
+    }
+
+
+def _print_cluster(cluster: dict, config: dict) -> None:
+    where = (
+        f"the workers of {cluster['scheduler']}"
+        if cluster["scheduler"]
+        else "a LocalCluster of single-threaded worker processes"
+    )
+    print()
+    print(
+        f"int8 inference on {where} ({config['batches']} batches x {config['batch']}, "
+        f"model broadcast once, fastest pass):"
+    )
+    print(f"{'workers':>8}{'samples/s':>14}{'x this process':>16}{'max |Δ| vs local':>18}")
+    for r in cluster["results"]:
+        x = "" if r["x_local"] is None else f"{r['x_local']:.2f}x"
+        print(f"{r['workers']:>8}{r['samples_per_s']:>14,.0f}{x:>16}{r['max_abs_diff']:>18.1e}")
+    print(f"{'(this process, int8)':<22}{cluster['local_int8_samples_per_s']:>,.0f} samples/s")

@@ -37,8 +37,16 @@ def get_client(client: Any = None, futures: Sequence[Any] = ()) -> Any:
 
 
 def worker_table(client: Any) -> dict[str, dict]:
-    """address -> scheduler info (``name``, ``resources``, ``memory_limit``, ...)."""
-    return dict(client.scheduler_info(n_workers=-1)["workers"])
+    """address -> scheduler info (``name``, ``resources``, ``memory_limit``, ...), asked of
+    the scheduler on every call.
+
+    Not ``client.scheduler_info()``: that returns the client's cached identity, which the
+    client's own periodic refresh overwrites with a *worker-less* one (it asks for
+    ``n_workers=0``); a refresh landing between the fresh fetch and the read gives an empty
+    table, i.e. every worker "gone" (the cause of the killed-worker test's flake).
+    """
+    info = client.sync(client.scheduler.identity, n_workers=-1, callback_timeout=RESULT_TIMEOUT)
+    return dict(info["workers"])
 
 
 def resolve_worker(client: Any, worker: Any, where: str, table: Mapping | None = None) -> str:

@@ -3,6 +3,7 @@ it lies, the result a dask collection; and the main job's cluster inference."""
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -35,10 +36,40 @@ def use_worker_threads() -> None:
     _THREADS_SET.append(n)
 
 
+def _own(a: Any, dtype: Any = None) -> np.ndarray:
+    """``a`` as a C-contiguous, writeable array (copied only when it is not one): pandas'
+    ``to_numpy`` and arrays deserialised by Dask can be read-only views, which qgemm's
+    kernels are not compiled for."""
+    return np.require(a, dtype=dtype, requirements=["C", "W"])
+
+
+def _own_bags(indices: Any, offsets: Any) -> tuple[list, list | None]:
+    idx = [_own(i) for i in indices]
+    off = None if offsets is None else [None if o is None else _own(o) for o in offsets]
+    return idx, off
+
+
+_PROCESS_LOCAL = ("_tbe",)
+"""DLRM attributes that only make sense in the process that made them: the table-batched
+embedding cache (``TableBatchedEmbeddingBags``) holds raw table addresses, and a pickled copy
+would be trusted on the worker (its tables unpickle as the same objects) and read freed
+memory.  Models are shipped without them; the worker rebuilds its own on first use."""
+
+
+def _shippable(model: DLRM) -> DLRM:
+    """``model``, or a shallow copy without its process-local caches, to send to workers."""
+    if not any(k in vars(model) for k in _PROCESS_LOCAL):
+        return model
+    m = copy.copy(model)
+    for k in _PROCESS_LOCAL:
+        vars(m).pop(k, None)
+    return m
+
+
 def _score(model: DLRM, dense: np.ndarray, bags: Any) -> np.ndarray:
     use_worker_threads()
-    indices, offsets = bags
-    return model.predict(np.ascontiguousarray(dense, dtype=np.float32), indices, offsets)
+    indices, offsets = _own_bags(*bags)
+    return model.predict(_own(dense, np.float32), indices, offsets)
 
 
 def _score_frame(df: Any, model: DLRM, dense_cols: list, sparse_cols: list, out: int) -> Any:
@@ -46,8 +77,8 @@ def _score_frame(df: Any, model: DLRM, dense_cols: list, sparse_cols: list, out:
 
     use_worker_threads()
     n = len(df)
-    dense = np.ascontiguousarray(df[dense_cols].to_numpy(dtype=np.float32))
-    indices = [np.ascontiguousarray(df[c].to_numpy(dtype=np.int64)) for c in sparse_cols]
+    dense = _own(df[dense_cols].to_numpy(dtype=np.float32))
+    indices = [_own(df[c].to_numpy(dtype=np.int64)) for c in sparse_cols]
     offsets = [np.arange(n, dtype=np.int64)] * len(sparse_cols)
     p = model.predict(dense, indices, offsets)
     cols = ["p"] if out == 1 else [f"p{j}" for j in range(out)]
@@ -97,7 +128,7 @@ def predict(
         raise TypeError(f"model: expected a qgemm.DLRM, got {type(model).__name__}")
     client = get_client(client)
     out = model.top_sizes[-1]
-    model_f = client.scatter(model, broadcast=True, hash=False)
+    model_f = client.scatter(_shippable(model), broadcast=True, hash=False)
     if isinstance(batches, da.Array):
         if batches.ndim != 2 or batches.shape[1] != model.num_dense:
             raise ValueError(
@@ -150,7 +181,8 @@ def predict(
 def _score_batch(model: DLRM, batch: tuple) -> int:
     use_worker_threads()
     dense, indices, offsets = batch
-    model.predict(dense, indices, offsets)
+    indices, offsets = _own_bags(indices, offsets)
+    model.predict(_own(dense, np.float32), indices, offsets)
     return int(dense.shape[0])
 
 
@@ -158,7 +190,7 @@ def _measure(client: Any, model: DLRM, requests: Sequence[tuple], repeat: int) -
     from distributed import wait
 
     n_workers = len(worker_table(client))
-    model_f = client.scatter(model, broadcast=True, hash=False)
+    model_f = client.scatter(_shippable(model), broadcast=True, hash=False)
     reqs = client.scatter(list(requests), hash=False)  # spread over the workers
     wait(reqs, timeout=RESULT_TIMEOUT)
     # warm-up: every worker compiles (or loads) its kernels before the clock starts

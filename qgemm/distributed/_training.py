@@ -142,6 +142,15 @@ class _Placed:
 
     def place(self, client: Any, table: Mapping) -> bool:
         """(Re)create the site's state on its worker; False when its worker is gone."""
+        if not self.submit(client, table):
+            return False
+        self.settle(client)
+        return True
+
+    def submit(self, client: Any, table: Mapping) -> bool:
+        """Start (re)creating the site's state on its worker (without waiting: sites are
+        made concurrently, each worker importing qgemm at the same time); False when its
+        worker is gone."""
         s = self.site
         kw: dict[str, Any] = {"pure": False}
         if s.worker is not None:
@@ -155,6 +164,10 @@ class _Placed:
         elif s.resources is not None:
             kw.update(resources=dict(s.resources))
         self.state = client.submit(_make_site, s.factory, **kw)
+        return True
+
+    def settle(self, client: Any) -> None:
+        """Wait for the state made by :meth:`submit`; record its worker and its bytes."""
         self.state.result(timeout=RESULT_TIMEOUT)  # factory errors surface here
         who = client.who_has([self.state]).get(self.state.key, ())
         self.addr = sorted(who)[0]
@@ -163,7 +176,6 @@ class _Placed:
                 timeout=RESULT_TIMEOUT
             )
         )
-        return True
 
 
 def _check_sites(sites: Any, site_weights: Any) -> list[_Placed]:
@@ -321,8 +333,10 @@ def train_decentralized(
     for p in sites_p:  # resolve every named worker before anything runs
         if p.site.worker is not None:
             resolve_worker(client, p.site.worker, p.label, table)
+    for p in sites_p:  # every site's state made at once (workers import qgemm in parallel)
+        p.submit(client, table)
     for p in sites_p:
-        p.place(client, table)
+        p.settle(client)
     params_f = client.scatter([copy_params(init_params)], hash=False)[0]
     history = [
         {
