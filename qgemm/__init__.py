@@ -17,6 +17,7 @@ from .averaging import (
     train_decentralized,
 )
 from .embedding import embedding_bag
+from .embedding_batched import TableBatchedEmbeddingBags, embedding_bags
 from ._half import HalfPackedWeight, linear_half, pack_weight_half
 from .gemm import PackedWeight, linear, matmul_u8s8, pack_weight, quantized_linear
 from .interop import from_torch
@@ -67,6 +68,8 @@ __all__ = [
     "quantize",
     "quantize_rowwise",
     "embedding_bag",
+    "embedding_bags",
+    "TableBatchedEmbeddingBags",
     "PackedWeight",
     "HalfPackedWeight",
     "pack_weight_half",

@@ -255,23 +255,31 @@ def _build_specialised(fam: _Family, key: Hashable) -> Callable:
     return kern
 
 
-def _finish_background(fam: _Family, key: Hashable, generation: int) -> None:
-    """Run on the worker: build the specialised kernel and swap it in."""
-    if generation != _generation[0]:
-        return
+def _finish_background(
+    fam: _Family, key: Hashable, generation: int, tk: _tiers.TieredKernel
+) -> None:
+    """Run on the worker: build the specialised kernel and swap it in.
+
+    After a :func:`cache_clear` the build still runs (the tiered kernel handed out, perhaps
+    memoised by a caller, deserves its specialised kernel; with the key now in the disk cache
+    it is a load) but the result is not put back into the cleared cache."""
+    current = generation == _generation[0]
     try:
-        kern = _build_specialised(fam, key)
+        if current:
+            kern = _build_specialised(fam, key)
+        else:
+            kern = _threading.guard(fam.build(key))
+            _tiers.record_built(fam.name, key, fam.build)
     except BaseException as exc:  # the generic kernel keeps serving; reported in cache_info
         with _registry_lock:
-            fam.failed.add(key)
+            if current:
+                fam.failed.add(key)
         _tiers.report_failure(fam.name, key, exc)
         return
     with _registry_lock:
-        tk = fam.tiered.pop(key, None)
-        if generation != _generation[0]:
-            fam.kernels.pop(key, None)
-    if tk is not None:
-        tk.swap(kern)
+        if fam.tiered.get(key) is tk:
+            del fam.tiered[key]
+    tk.swap(kern)
     _tiers.bump_epoch()
 
 
@@ -297,6 +305,8 @@ def get_kernel(family: str, key: Hashable) -> Callable:
             fam.hits += 1
             return tk
         if key not in fam.failed and not _tiers.known_built(family, key, fam.build):
+            # (a failed key with a tiered kernel returned above; one whose generic build
+            # failed is built eagerly below)
             return _tiered_miss(fam, key)
     with _registry_lock:
         kern = fam.kernels.get(key)
@@ -328,7 +338,14 @@ def _tiered_miss(fam: _Family, key: Hashable) -> Callable:
                 fam.hits += 1
             return kern
         try:
-            generic = _get_generic(fam, key)
+            try:
+                generic = _get_generic(fam, key)
+            except Exception as exc:  # a broken generic tier never breaks the op: go eager
+                _tiers.report_failure(fam.name, key, exc, tier="generic")
+                with _registry_lock:
+                    fam.failed.add(key)
+                    fam.key_locks.pop(key, None)
+                return _build_specialised(fam, key)
             tk = _tiers.TieredKernel(generic, fam.name, key)
             with _registry_lock:
                 fam.tiered[key] = tk
@@ -336,7 +353,7 @@ def _tiered_miss(fam: _Family, key: Hashable) -> Callable:
         finally:
             with _registry_lock:
                 fam.key_locks.pop(key, None)
-    _tiers.submit(fam.name, key, fam.build, lambda: _finish_background(fam, key, generation))
+    _tiers.submit(fam.name, key, fam.build, lambda: _finish_background(fam, key, generation, tk))
     return tk
 
 
@@ -396,8 +413,8 @@ def cache_info() -> CacheInfo:
 def cache_clear() -> None:
     """Forget every built kernel and reset the counters (Numba's on-disk cache stays).
 
-    Builds still queued or running finish but are not kept; tiered kernels handed out before
-    keep serving their current kernel."""
+    Builds still queued or running finish and are swapped into the tiered kernels handed out
+    before, but are not kept in the (cleared) cache."""
     with _registry_lock:
         _generation[0] += 1
         for f in _families.values():

@@ -14,9 +14,11 @@ Vocabulary
     ``requires`` (llvmlite's feature names) on one of its ``machines``.
 *variant*
     A microkernel of :mod:`qgemm._kernels.gemm` (``vnni`` = 512-bit ``vpdpbusd``, ``vnni256``
-    = AVX-VNNI's 256-bit ``vpdpbusd``, ``avx2`` = ``vpmaddubsw``, ``avx2w`` = exact int16
-    ``vpmaddwd`` on pre-widened operands, ``avx2x`` = exact activation split (kept for
-    measurement), ``avx2s`` = saturating, ``portable``, ``portables`` = saturating portable).
+    = AVX-VNNI's 256-bit ``vpdpbusd``, ``avx2`` = ``vpmaddubsw``, ``avx2v`` = exact ``vpmaddwd``
+    on the int8 panel widened in registers (the AVX2 default's exact variant), ``avx2w`` =
+    ``vpmaddwd`` on an int16 twin of the panel and ``avx2x`` = activation split (both exact,
+    slower, kept for measurement), ``avx2s`` = saturating, ``portable``, ``portables`` =
+    saturating portable).
 *panel width*
     Output columns per packed weight panel (:func:`panel_width`): a packing fact, the same on
     every path, so one packed weight serves every path.
@@ -80,10 +82,6 @@ class Kernel:
     fast: str
     exact: str
     tiles: Mapping[int, Tile]
-    streaming: str | None = None
-    """Exact variant for calls that stream a large weight once (``M`` of one row or so,
-    weight bigger than L2; :data:`qgemm._tuning.GEMM_STREAM_MAX_M`): one reading fewer bytes
-    than ``exact`` when that one's operands are widened.  ``None``: always ``exact``."""
 
     @property
     def chooses(self) -> bool:
@@ -113,12 +111,10 @@ class IsaPath:
     def kernel(self, saturate: bool) -> Kernel:
         return self.saturating if saturate else self.default
 
-    def tile(self, saturate: bool, npw: int, stream: bool = False) -> tuple[str, str, Tile]:
-        """``(fast variant, exact variant, tile)`` for weights packed ``npw`` columns wide;
-        ``stream``: the call reads a large weight once (then the ``streaming`` variant)."""
+    def tile(self, saturate: bool, npw: int) -> tuple[str, str, Tile]:
+        """``(fast variant, exact variant, tile)`` for weights packed ``npw`` columns wide."""
         k = self.saturating if saturate else self.default
-        exact = k.streaming if stream and k.streaming else k.exact
-        return k.fast, exact, k.tiles[npw]
+        return k.fast, k.exact, k.tiles[npw]
 
     @property
     def int16_pairs(self) -> bool:
@@ -167,9 +163,11 @@ PATHS: tuple[IsaPath, ...] = (
         name="avx2",
         requires=("avx2", "fma"),
         machines=_X86,
-        # exact: vpmaddwd on int16 operands; a weight streamed once: the activation split
-        # (int8 weight bytes, twice the multiplies -- memory-bound there anyway)
-        default=Kernel("avx2", "avx2w", _AVX2_TILES, streaming="avx2x"),
+        # exact: vpmaddwd on the int8 panel widened in registers x int16 activations
+        # (measured on Zen 3, one thread, full-range activations, vs the saturating
+        # vpmaddubsw: 0.83x at 1024^3, 0.78-0.95x at M <= 6; the int16 twin "avx2w" 0.65x and
+        # 0.1-0.4x at M <= 6; the activation split "avx2x" 0.42-0.5x)
+        default=Kernel("avx2", "avx2v", _AVX2_TILES),
         saturating=_AVX2_SATURATING,
         ceiling_panel=64,
         half=Tile(HALF_MR_AVX2, 2, 16),

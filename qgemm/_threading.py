@@ -63,7 +63,7 @@ def guard(kernel: Callable) -> Callable:
     if not is_parallel(kernel) or not needs_lock():
         return kernel
 
-    @functools.wraps(kernel)
+    @functools.wraps(kernel, updated=())
     def serialised(*args: Any) -> Any:
         with launch_lock:
             return kernel(*args)

@@ -207,18 +207,26 @@ def _compile_in_subprocess(build: Callable, key: Hashable) -> None:
     )
 
 
-_warned: set[str] = set()
+_warned: set[tuple[str, str]] = set()
 
 
-def report_failure(family: str, key: Hashable, exc: BaseException) -> None:
-    if family not in _warned:
-        _warned.add(family)
-        warnings.warn(
-            f"qgemm: background build of kernel {family} {key!r} failed "
-            f"({type(exc).__name__}: {exc}); the generic kernel keeps serving it",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+def report_failure(
+    family: str, key: Hashable, exc: BaseException, tier: str = "specialised"
+) -> None:
+    """One warning per family and tier: a failed build never fails the op."""
+    if (family, tier) in _warned:
+        return
+    _warned.add((family, tier))
+    if tier == "generic":
+        what = "the specialised kernel is compiled before the call instead"
+    else:
+        what = "the generic kernel keeps serving it"
+    warnings.warn(
+        f"qgemm: {tier} build of kernel {family} {key!r} failed "
+        f"({type(exc).__name__}: {exc}); {what}",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 # ------------------------------------------------------- keys already in the disk cache

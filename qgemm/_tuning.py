@@ -131,17 +131,3 @@ so that many short bags of one table weigh as much as a few long bags of another
 EMBEDDING_BATCHED_TASKS_PER_THREAD = 1
 """Tasks of equal estimated work per thread in the batched op's parallel region (Numba splits
 the ``prange`` statically, so more tasks than threads only add boundaries)."""
-
-# ------------------------------------------------------- GEMM (exact AVX2 path, issue 15)
-
-GEMM_STREAM_MAX_M = 1
-"""Calls with at most this many rows whose packed int8 weight is at least
-``GEMM_STREAM_MIN_BYTES`` take the AVX2 exact *split* variant (``avx2x``: reads the int8
-panels, two ``vpmaddubsw`` per 32 MACs) instead of the int16 ``vpmaddwd`` one (``avx2w``:
-twice the weight bytes).  A roofline estimate for Zen 3, not a measurement (the 2-core VM
-was shared the whole session): at one row the weight is read once per call, from DRAM/L3
-for big layers, so bytes decide; from two rows on the multiplies do."""
-
-GEMM_STREAM_MIN_BYTES = 1 << 19
-"""Packed int8 weight size from which a ``GEMM_STREAM_MAX_M``-row call streams from beyond
-L2 (Zen 3: 512 KiB of L2 per core); smaller weights stay on the ``vpmaddwd`` path."""

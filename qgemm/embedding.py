@@ -26,6 +26,8 @@ differences, all deliberate:
   ``include_last_offset``, bags end at ``offsets[-1]`` whatever ``padding_idx`` is.
 * Accumulation is in float32 for every table type (a float16 table is widened on load); the
   output is float32, or float16 on request (rounded once at the end).
+
+Many tables in one call (FBGEMM's table-batched op, TBE): :mod:`qgemm.embedding_batched`.
 """
 
 from __future__ import annotations
@@ -151,7 +153,11 @@ def index_array(name: str, x: Any, ndim: int | tuple[int, ...] = 1) -> np.ndarra
         and (x.ndim == ndim if isinstance(ndim, int) else x.ndim in ndim)
     ):
         x = as_array(name, x, dtypes=_INDEX_DTYPES, ndim=ndim)
-    return x if x.flags.c_contiguous else np.ascontiguousarray(x)
+    if x.flags.c_contiguous and x.flags.writeable:
+        return x
+    # Kernels are compiled for writable C arrays: read-only views (pandas, np.load mmap) and
+    # strided ones are copied (an index array is small next to the rows it selects).
+    return np.array(x, order="C", copy=True)
 
 
 def bag_error(
@@ -416,9 +422,14 @@ def embedding_bag(
         odt = np.dtype(np.float32 if out_dtype is None else out_dtype)
         if odt not in _OUT_DTYPES:
             raise TypeError(f"out_dtype: expected float32 or float16, got {odt.name}")
-    if out is not None and odt == np.float32:
+    if (
+        out is not None
+        and odt == np.float32
+        and not np.may_share_memory(out, flat)
+        and not np.may_share_memory(out, wts)
+    ):
         res = out
-    else:
+    else:  # our own buffer (also when out overlaps the table or the weights: pooled aside)
         res = np.empty((bags, dim), np.float32)
 
     # ---- kernel ----

@@ -96,6 +96,11 @@ class TableBatchedEmbeddingBags:
            [ 6.,  7.,  8., 10.]], dtype=float32)
     """
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The object holds raw row addresses of this process: pickle the tables and rebuild
+        # (addresses are recomputed where it is unpickled).
+        return (_rebuild_tbe, (self.tables, self.mode, self.out_dtype.str))
+
     def __init__(
         self,
         tables: Sequence[np.ndarray | RowwiseQuantizedTable],
@@ -505,3 +510,7 @@ def embedding_bags(
         out=out,
         out_dtype=out_dtype,
     )
+
+
+def _rebuild_tbe(tables: Any, mode: str, out_dtype: str) -> TableBatchedEmbeddingBags:
+    return TableBatchedEmbeddingBags(tables, mode=mode, out_dtype=np.dtype(out_dtype))

@@ -328,6 +328,17 @@ _TBE_BITS = {"int8": 8, "int4": 4, "int2": 2}
 _TBE_FLOATS = {"fp32": np.float32, "fp16": np.float16}
 
 
+# fbgemm's SparseType.as_int() codes (TBE stores its output dtype as one)
+_SPARSE_INTS = {0: "fp32", 1: "fp16", 2: "int8", 3: "int4", 4: "int2", 5: "bf16", 6: "fp8"}
+
+
+def _sparse_type_name(ty: Any) -> str:
+    """``"fp32"``, ``"int4"``, ... for an fbgemm ``SparseType`` or its ``as_int()`` code."""
+    if isinstance(ty, (int, np.integer)) and not isinstance(ty, bool):
+        return _SPARSE_INTS.get(int(ty), str(ty))
+    return str(getattr(ty, "value", ty))
+
+
 def _is_tbe(module: Any) -> bool:
     return type(module).__name__ in _TBE_NAMES and hasattr(module, "split_embedding_weights")
 
@@ -383,7 +394,7 @@ def _tbe_from_fbgemm(module: Any) -> Any:
             remap = getattr(module, name, None)
             if remap is not None and remap.numel() > 0:
                 raise ValueError("module: TBE index remapping (pruning) is not supported")
-        out_name = str(getattr(module.output_dtype, "value", module.output_dtype))
+        out_name = _sparse_type_name(module.output_dtype)
         if out_name not in _TBE_FLOATS:
             raise ValueError(f"module: output_dtype {out_name} not supported (fp32 or fp16)")
         out_dtype = _TBE_FLOATS[out_name]
@@ -391,7 +402,7 @@ def _tbe_from_fbgemm(module: Any) -> Any:
         for t, ((_, _rows, dim, sparse_type, *_), (w, sb)) in enumerate(
             zip(module.embedding_specs, weights, strict=True)
         ):
-            ty = str(getattr(sparse_type, "value", sparse_type))
+            ty = _sparse_type_name(sparse_type)
             if ty in _TBE_BITS:
                 tables.append(_tbe_quantized_table(w, sb, _TBE_BITS[ty], int(dim), reverse))
             elif ty in _TBE_FLOATS:

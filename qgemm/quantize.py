@@ -544,6 +544,8 @@ class RowwiseQuantizedTable:
     def _param(self, i: int) -> np.ndarray:
         cb = self.code_bytes
         w = self.param_dtype.itemsize
+        if self.fused.shape[0] == 0:  # numpy cannot view an empty 2-D slice as another dtype
+            return np.empty(0, self.param_dtype)
         raw = np.ascontiguousarray(self.fused[:, cb + i * w : cb + (i + 1) * w])
         return raw.view(self.param_dtype).reshape(-1)
 
@@ -570,7 +572,8 @@ class RowwiseQuantizedTable:
         per_byte = 8 // self.bits
         mask = np.uint8((1 << self.bits) - 1)
         parts = [(codes >> np.uint8(j * self.bits)) & mask for j in range(per_byte)]
-        return np.stack(parts, axis=-1).reshape(codes.shape[0], -1)[:, : self.dim]
+        stacked = np.stack(parts, axis=-1)
+        return stacked.reshape(codes.shape[0], codes.shape[1] * per_byte)[:, : self.dim]
 
     def dequantize(self, rows: Any = slice(None)) -> np.ndarray:
         """Float32 ``[n, dim]`` values of the selected rows (default: all)."""

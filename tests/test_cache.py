@@ -223,9 +223,10 @@ def test_cache_clear_during_background_build(jit_mode):
     jit_mode("tiered")
     qgemm.cache_clear()
     k = _tiered_family((21.0,))
-    qgemm.cache_clear()  # the running build finishes but is not kept
+    qgemm.cache_clear()  # the running build finishes, is swapped in, but is not kept
     assert _cache.wait_ready(30)
     assert (21.0,) not in qgemm.cache_info().families["test_tiered"].keys
+    assert k.ready and _cache.tier_of(k) == "specialised"
     np.testing.assert_array_equal(k(np.ones(1)), [21.0])
 
 
@@ -322,3 +323,16 @@ def test_gemm_tiered_first_call_then_specialised(jit_mode):
     assert set(qgemm.cache_info().families["gemm"].tiers.values()) == {"specialised"}
     np.testing.assert_array_equal(qgemm.linear(x, pw), want)
     _cache._tiers.forget_built()
+
+
+def test_broken_generic_tier_falls_back_to_eager(jit_mode):
+    def broken_generic(key):
+        raise TypeError("signature drifted")
+
+    fam = kernel_family("test_broken_generic", generic=broken_generic)(_slow_specialised)
+    jit_mode("tiered")
+    with pytest.warns(RuntimeWarning, match="generic build of kernel test_broken_generic"):
+        k = fam((4.0,))
+    assert _cache.tier_of(k) == "specialised"
+    np.testing.assert_array_equal(k(np.ones(2)), [4.0, 4.0])
+    assert fam((4.0,)) is k

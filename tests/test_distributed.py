@@ -129,12 +129,10 @@ def test_average_equals_qgemm_average(client):
     # the average is on a worker; once released, no partial is left behind
     assert client.who_has([fut])[fut.key]
     del fut
-    distributed.wait([], timeout=1)
     import time
 
-    for _ in range(50):
-        if worker_keys(client) == before:
-            break
+    deadline = time.monotonic() + T  # a loaded box releases keys late: poll, bounded
+    while worker_keys(client) != before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert worker_keys(client) == before
 
@@ -494,6 +492,13 @@ def test_dlrm_shard_method(client, dlrm):
 # ------------------------------------------------------------------------------- predict
 
 
+def worker_threads():
+    from qgemm.distributed._predict import use_worker_threads
+
+    use_worker_threads()  # what every scoring task calls first
+    return qgemm.get_num_threads()
+
+
 def test_predict_dask_array(client, dlrm):
     import dask.array as da
 
@@ -506,6 +511,9 @@ def test_predict_dask_array(client, dlrm):
     got = out.compute()
     want = np.concatenate([q.predict(*b) for b in batches])
     np.testing.assert_array_equal(got, want)
+    # each single-threaded worker process runs qgemm's kernels on one thread
+    futs = [client.submit(worker_threads, workers=[a], pure=False) for a in addrs(client)]
+    assert client.gather(futs) == [1, 1]
     with pytest.raises(ValueError, match="bags: expected one"):
         qd.predict(q, dense, client=client, bags=[])
 

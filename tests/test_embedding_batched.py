@@ -486,3 +486,28 @@ def test_rowwise_adagrad_matches_fbgemm():
         mom = tbe.split_optimizer_states()[t][0].numpy()
         np.testing.assert_allclose(moms[t], mom, rtol=1e-5, atol=1e-7)
     assert qgemm.from_torch(tbe).num_tables == 2
+
+
+@given(
+    data=st.data(),
+    batch=st.sampled_from([0, 1, 3, 8]),
+    mode=st.sampled_from(["sum", "mean"]),
+)
+def test_property_rowwise_adagrad(data, batch, mode):
+    """Any rows (0, 1, odd), dims and bags: equal to the numpy reference."""
+    from qgemm.training.sparse import rowwise_adagrad, rowwise_adagrad_state
+
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    shapes = [
+        (data.draw(st.sampled_from([0, 1, 5, 17])), data.draw(st.sampled_from([1, 3, 8])))
+        for _ in range(data.draw(st.integers(1, 3)))
+    ]
+    tables = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    moms = rowwise_adagrad_state(tables)
+    idx_l, off_l = random_bags([s[0] for s in shapes], batch, rng, max_len=4, empty_every=3)
+    grad = rng.standard_normal((batch, sum(s[1] for s in shapes))).astype(np.float32)
+    want_t, want_m = ref_rowwise_adagrad(tables, moms, idx_l, off_l, grad, 0.1, 1e-5, 0.0, mode)
+    rowwise_adagrad(tables, moms, idx_l, off_l, grad, lr=0.1, eps=1e-5, mode=mode)
+    for t in range(len(shapes)):
+        np.testing.assert_allclose(moms[t], want_m[t], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(tables[t], want_t[t], rtol=1e-5, atol=1e-6)

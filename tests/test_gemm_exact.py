@@ -9,6 +9,8 @@ saturation); the half-precision results within float32 rounding of ``x @ w16.T``
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -92,49 +94,51 @@ def test_wide_twin_layout(rng):
         assert pw.nbytes >= pw._packed.nbytes * 3
 
 
-def test_avx2_exact_path_uses_the_wide_kernel(rng):
+def test_avx2_exact_path_reads_the_int8_panels(rng):
+    # the AVX2 default's exact variant widens the int8 panel in registers: no int16 twin
     if "avx2" not in ISAS:
         pytest.skip("the AVX2 path needs a CPU with AVX2 and FMA")
+    assert _isa.path("avx2").default.exact == "avx2v"
     old = _config.set_isa("avx2")
     try:
         w = _weights("all", rng, 20, 12)
         pw = pack_weight(w, qparams=_ONE)
-        assert pw._packed16 is None
         a = np.full((3, 12), 255, np.uint8)
         np.testing.assert_array_equal(matmul_u8s8(a, pw), ref_matmul_u8s8(a, w))
-        assert pw._packed16 is not None  # the saturating weights took the int16 twin
-        assert all(plan.head[2] is pw._packed16 for plan in pw._plans.values())
-        small = pack_weight(_weights("none", rng, 20, 12), qparams=_ONE)
-        matmul_u8s8(a, small)
-        assert small._packed16 is None  # provably exact weights stay on vpmaddubsw
+        assert pw._packed16 is None
+        assert all(plan.head[2] is pw._packed for plan in pw._plans.values())
     finally:
         _config.set_isa(old)
 
 
-def test_streamed_weight_takes_the_split_variant(rng):
-    # one row x a weight beyond L2: the int8-reading split variant, no int16 twin; two rows:
-    # the vpmaddwd variant (both exact)
-    from qgemm._tuning import GEMM_STREAM_MAX_M, GEMM_STREAM_MIN_BYTES
-
+@pytest.fixture(params=["avx2v", "avx2w", "avx2x"])
+def avx2_exact(request, monkeypatch):
+    """The AVX2 path with its exact variant replaced by each exact AVX2 microkernel."""
     if "avx2" not in ISAS:
         pytest.skip("the AVX2 path needs a CPU with AVX2 and FMA")
+    row = _isa.path("avx2")
+    forced = dataclasses.replace(row, default=_isa.Kernel("avx2", request.param, row.default.tiles))
+    monkeypatch.setitem(_isa._BY_NAME, "avx2", forced)
     old = _config.set_isa("avx2")
-    try:
-        n, k = 1024, 520
-        w = _weights("random", rng, n, k)
+    yield request.param
+    _config.set_isa(old)
+
+
+@pytest.mark.parametrize("kind", ["all", "random"])
+def test_every_exact_avx2_variant(avx2_exact, kind, rng):
+    for m, n, k in [(1, 1, 3), (5, 70, 33), (9, 130, 64)]:
+        w = _weights(kind, rng, n, k)
+        a = rng.integers(0, 256, (m, k), dtype=np.uint8)
+        a[0] = 255
         pw = pack_weight(w, qparams=_ONE)
-        assert pw._packed.nbytes >= GEMM_STREAM_MIN_BYTES
-        a = rng.integers(0, 256, (GEMM_STREAM_MAX_M, k), dtype=np.uint8)
-        a[:, :2] = 255
         np.testing.assert_array_equal(matmul_u8s8(a, pw), ref_matmul_u8s8(a, w))
-        assert pw._packed16 is None
-        a2 = np.concatenate([a, a[:1]])
-        np.testing.assert_array_equal(matmul_u8s8(a2, pw), ref_matmul_u8s8(a2, w))
-        assert pw._packed16 is not None
-        assert _isa.path("avx2").tile(False, 64, True)[1] == "avx2x"
-        assert _isa.path("avx2").tile(False, 64, False)[1] == "avx2w"
-    finally:
-        _config.set_isa(old)
+        b = rng.standard_normal(n).astype(np.float32)
+        y = quantized_linear(a, QParams(0.5, 3), pw, b, relu=True)
+        raw = ref_matmul_u8s8(a, w) - 3 * w.astype(np.int64).sum(axis=1)
+        ref = np.maximum(raw.astype(np.float32) * np.float32(0.5) + b, 0)
+        np.testing.assert_allclose(y, ref, rtol=FLOAT32_RTOL, atol=FLOAT32_ATOL)
+        can_saturate = pw._pairmax * 255 > 32767
+        assert (pw._packed16 is not None) == (avx2_exact == "avx2w" and can_saturate)
 
 
 @given(
@@ -238,9 +242,12 @@ def test_avxvnni_microkernel_compiles_for_an_avxvnni_target():
     assert "%ymm" in asm and "%zmm" not in asm  # VEX, 256-bit: no AVX-512 needed
 
 
-def test_wide_microkernel_is_vpmaddwd_only():
-    asm = _tile_asm(uk.AVX2_WIDE, "+avx2,+fma")
+@pytest.mark.parametrize("variant", [uk.AVX2_WIDE, uk.AVX2_WIDEN])
+def test_wide_microkernels_are_vpmaddwd_only(variant):
+    asm = _tile_asm(variant, "+avx2,+fma")
     assert "vpmaddwd" in asm and "vpmaddubsw" not in asm
+    if variant == uk.AVX2_WIDEN:
+        assert "vpmovsxbw" in asm  # the int8 panel widened in registers
 
 
 @pytest.mark.skipif("avxvnni" not in ISAS, reason="this CPU has no AVX-VNNI (avxvnni)")

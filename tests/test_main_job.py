@@ -234,3 +234,30 @@ def test_workers_without_dask(monkeypatch, capsys):
     monkeypatch.setattr(main_job, "_have_distributed", lambda: False)
     assert cli.main([*TINY, "--workers", "2", "--no-progress"]) == 2
     assert "--workers: needs Dask" in capsys.readouterr().err
+
+
+def test_scheduler_option(capsys):
+    """``--scheduler ADDR``: the workers of a running scheduler (here an in-process cluster of
+    one thread worker, cheap to start); the hosting process keeps its thread count."""
+    distributed = pytest.importorskip("distributed", reason="--scheduler needs qgemm[distributed]")
+    import warnings
+
+    import qgemm
+
+    threads = qgemm.get_num_threads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cluster = distributed.LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+        )
+    try:
+        addr = cluster.scheduler_address
+        code = cli.main([*TINY, "--scheduler", addr, "--json", "--no-progress"])
+        doc = json.loads(capsys.readouterr().out)
+    finally:
+        cluster.close()
+    assert code == 0
+    assert doc["cluster"]["scheduler"] == addr and doc["cluster"]["threads_per_worker"] is None
+    (r,) = doc["cluster"]["results"]
+    assert r["workers"] == 1 and r["samples"] == 4 * 16 and r["max_abs_diff"] == 0.0
+    assert qgemm.get_num_threads() == threads

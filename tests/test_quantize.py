@@ -442,3 +442,11 @@ def test_choose_qparams_per_channel_uses_the_scalar_per_channel(rng):
     for c in range(5):
         s, z = choose_qparams_scalar(x[c].min(), x[c].max(), 0, 255)
         assert qp.scale[c] == s and qp.zero_point[c] == z
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_rowwise_empty_table_dequantizes(bits):
+    t = qgemm.quantize_rowwise(np.zeros((0, 7), np.float32), bits=bits)
+    assert t.dequantize().shape == (0, 7)
+    assert t.scale.shape == (0,) and t.bias.shape == (0,)
+    assert t.unpack_codes().shape == (0, 7)

@@ -46,7 +46,16 @@ from numba.extending import overload
 
 from .._cache import kernel_family
 from .._tuning import GEMM_QUANTIZE_PARALLEL_MIN_ELEMS as PAR_ELEMS
-from .gemm_ukernel import AVX2_EXACT, AVX2_FAST, AVX2_WIDE, VNNI, VNNI256, atomic_next, ukr
+from .gemm_ukernel import (
+    AVX2_EXACT,
+    AVX2_FAST,
+    AVX2_WIDE,
+    AVX2_WIDEN,
+    VNNI,
+    VNNI256,
+    atomic_next,
+    ukr,
+)
 from .gemm_ukernel import RAW as MODE_RAW
 from .output_stage import MODES, PAD, STAGE_TYPES, OutputStage, ep_float, ep_requant, lower
 from .quantize import choose_qparams_scalar
@@ -59,6 +68,7 @@ VARIANTS = {
     "avx2": AVX2_FAST,
     "avx2x": AVX2_EXACT,
     "avx2w": AVX2_WIDE,
+    "avx2v": AVX2_WIDEN,
     "avx2s": AVX2_FAST,
     "vnni256": VNNI256,
     "portable": PORTABLE,
@@ -66,7 +76,7 @@ VARIANTS = {
 }
 
 INT16_MAX = 32767
-NATIVE_VARIANTS = (VNNI, AVX2_FAST, AVX2_EXACT, AVX2_WIDE, VNNI256)
+NATIVE_VARIANTS = (VNNI, AVX2_FAST, AVX2_EXACT, AVX2_WIDE, VNNI256, AVX2_WIDEN)
 # Parallelise the explicit prange loops only: with plain parallel=True, Numba turns every array
 # expression (np.zeros, a[:] = b, ...) into a parallel region of its own -- one fork/join each
 # (~3 us apiece on 2 cores, and a stall whenever a core is busy).
@@ -244,7 +254,8 @@ def gemm_kernel(key):
     V_FAST = VARIANTS[fast_name]
     V_EXACT = VARIANTS[exact_name]
     CHOOSE = V_FAST != V_EXACT  # pick fast/exact at run time by the saturation bound
-    WIDE = V_EXACT == AVX2_WIDE  # the exact variant reads int16 operands
+    WIDE = V_EXACT == AVX2_WIDE  # the exact variant reads int16 weights (the twin b16) ...
+    A16 = WIDE or V_EXACT == AVX2_WIDEN  # ... and int16 activations
     RAW = kind == "raw"
     FLOAT = kind in ("float", "dynamic")
     DYN = kind == "dynamic"
@@ -320,7 +331,7 @@ def gemm_kernel(key):
                         amax = max(amax, np.int64(aq[i, k]))
         use_fast = (not CHOOSE) or amax * pairmax <= INT16_MAX
         lda = aq.strides[0]
-        if WIDE:
+        if A16:
             # the exact variant's int16 activations (KP = 4 KG readable bytes per row of aq)
             mw = 0 if use_fast else M
             a16 = np.empty((mw, KP), np.int16)
@@ -401,6 +412,10 @@ def gemm_kernel(key):
                             _tile_fused(aq, i0, lda, b, boff, bstride, KG, init, mr, dst, o_off,
                                         ldo, p1, p2, bzp, rowsum, j0, s1, s2, s3, MR, NV,
                                         V_FAST, MODE)  # fmt: skip
+                        elif A16 and not WIDE:
+                            _tile_fused(aw, i0, ldaw, b, boff, bstride, KG, init, mr, dst, o_off,
+                                        ldo, p1, p2, bzp, rowsum, j0, s1, s2, s3, MR, NV,
+                                        V_EXACT, MODE)  # fmt: skip
                         elif WIDE:
                             boffw = p * 2 * KG * NP * 4 + (j0 - p * NP) * 4
                             _tile_fused(aw, i0, ldaw, b16, boffw, bstride, 2 * KG, init, mr, dst,

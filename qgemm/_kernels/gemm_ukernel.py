@@ -49,6 +49,13 @@ Variants (``NR`` = columns per tile):
     of the int8 panel with twice the groups).  The same number of multiplies as
     ``AVX2_FAST`` (one ``vpmaddwd`` per 16 MACs instead of ``vpmaddubsw`` + ``vpmaddwd`` per
     32), twice the weight bytes.
+``AVX2_WIDEN`` (5)
+    AVX2, exact for every input: ``AVX2_WIDE``'s ``vpmaddwd`` on the *int8* panel, widened in
+    registers (``vpmovsxbw``: 16 bytes = 4 columns x 4 ``k`` per ymm) against int16
+    activations broadcast 4 at a time; each int32 lane holds half a column's sum (``k`` pairs
+    0-1 / 2-3), the halves are added once after the ``k`` loop.  Reads the int8 bytes (no
+    twin), so small-batch calls on big weights stay as fast as ``vpmaddubsw``; each 8-column
+    vector of the tile runs its own ``k`` loop (8 accumulators for 4 rows).
 ``VNNI256`` (4)
     AVX-VNNI (CPUs with VNNI but without AVX-512: Intel Alder Lake and later client cores,
     Sierra Forest): the ``VNNI`` loop on ymm registers (VEX ``vpdpbusd``, 8 columns per
@@ -71,6 +78,7 @@ AVX2_FAST = 1
 AVX2_EXACT = 2
 AVX2_WIDE = 3
 VNNI256 = 4
+AVX2_WIDEN = 5
 
 # Output stages (MODE literal)
 RAW = 1
@@ -94,6 +102,10 @@ def _emit_tile(
     builder, module, a_base, lda, b_base, bstride, kgroups, init_base, outp, rows, nv, variant
 ):
     """Emit the k loop of one ``rows x NR`` tile and the store of its accumulators."""
+    if variant == AVX2_WIDEN:
+        _emit_tile_widen(builder, module, a_base, lda, b_base, bstride, kgroups, init_base, outp,
+                         rows, nv)  # fmt: skip
+        return
     if variant in (VNNI, VNNI256):
         lanes = 16 if variant == VNNI else 8
         acc_t = ir.VectorType(_I32, lanes)
@@ -172,6 +184,56 @@ def _emit_tile(
                     acc = builder.load(accs[r][v])
                     builder.store(builder.add(acc, builder.add(tl, th)), accs[r][v])
     _emit_output(builder, module, accs, rows, nv, lanes, acc_t, outp)
+
+
+def _emit_tile_widen(builder, module, a_base, lda, b_base, bstride, kgroups, init_base, outp,
+                     rows, nv):  # fmt: skip
+    """``AVX2_WIDEN``: int8 panel widened in registers x int16 activations (``a`` rows hold
+    int16: 8 bytes per k-group)."""
+    acc_t = ir.VectorType(_I32, 8)
+    w16_t = ir.VectorType(_I16, 16)
+    b16_t = ir.VectorType(_I8, 16)
+    a4_t = ir.VectorType(_I64, 4)
+    maddwd = cgutils.get_or_insert_function(
+        module, ir.FunctionType(acc_t, [w16_t, w16_t]), "llvm.x86.avx2.pmadd.wd"
+    )
+    zero = ir.Constant(acc_t, [0] * 8)
+    even = ir.Constant(ir.VectorType(_I32, 8), list(range(0, 16, 2)))
+    odd = ir.Constant(ir.VectorType(_I32, 8), list(range(1, 16, 2)))
+    a_rows = [builder.gep(a_base, [builder.mul(lda, ir.Constant(_I64, r))]) for r in range(rows)]
+    final = [[None] * nv for _ in range(rows)]
+    for v in range(nv):
+        part = [
+            (cgutils.alloca_once_value(builder, zero), cgutils.alloca_once_value(builder, zero))
+            for _ in range(rows)
+        ]
+        with cgutils.for_range(builder, kgroups) as loop:
+            k = loop.index
+            bk = builder.gep(b_base, [builder.mul(k, bstride)])
+            ws = []
+            for h in range(2):
+                p = builder.gep(bk, [ir.Constant(_I64, v * 32 + 16 * h)])
+                w8 = builder.load(builder.bitcast(p, b16_t.as_pointer()), align=1)
+                ws.append(builder.sext(w8, w16_t))
+            k8 = builder.mul(k, ir.Constant(_I64, 8))
+            for r in range(rows):
+                pa = builder.bitcast(builder.gep(a_rows[r], [k8]), _I64.as_pointer())
+                av = builder.bitcast(_splat(builder, builder.load(pa, align=1), a4_t), w16_t)
+                for h in range(2):
+                    t = builder.call(maddwd, [av, ws[h]])
+                    builder.store(builder.add(builder.load(part[r][h]), t), part[r][h])
+        pi = builder.bitcast(
+            builder.gep(init_base, [ir.Constant(_I64, v * 32)]), acc_t.as_pointer()
+        )
+        init_v = builder.load(pi, align=4)
+        for r in range(rows):
+            lo = builder.load(part[r][0])  # columns 0-3 of the vector, two halves each
+            hi = builder.load(part[r][1])  # columns 4-7
+            s = builder.add(
+                builder.shuffle_vector(lo, hi, even), builder.shuffle_vector(lo, hi, odd)
+            )
+            final[r][v] = cgutils.alloca_once_value(builder, builder.add(s, init_v))
+    _emit_output(builder, module, final, rows, nv, 8, acc_t, outp)
 
 
 def _emit_output(builder, module, accs, rows, nv, lanes, acc_t, outp):

@@ -18,8 +18,9 @@ rounds with a pause between runtimes (:func:`qgemm.bench._timing.compare`), medi
   pairs that could saturate ``vpmaddubsw`` (:func:`saturating_pairs`).
 
 Activations are full-range uint8 (0..255) in the main static table: exact on every qgemm path
-(on AVX2, qgemm's int16 ``vpmaddwd`` path); torch's FBGEMM and ORT's MLAS are exact only on
-VNNI CPUs -- on AVX2-only CPUs their ``vpmaddubsw`` saturates (up to 255 LSB off).
+(on AVX2, qgemm's exact ``vpmaddwd`` path when the weights could saturate); torch's FBGEMM
+and ORT's MLAS are exact only on VNNI CPUs -- on AVX2-only CPUs their ``vpmaddubsw``
+saturates (up to 255 LSB off).
 """
 
 from __future__ import annotations

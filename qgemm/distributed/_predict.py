@@ -19,10 +19,16 @@ _THREADS_SET: list[int] = []
 
 
 def use_worker_threads() -> None:
-    """In a Dask worker, run qgemm's kernels on the worker's own thread count (once per
-    process): a worker with ``threads_per_worker=1`` must not start a parallel region on
+    """In a Dask worker process, run qgemm's kernels on the worker's own thread count (once
+    per process): a worker with ``threads_per_worker=1`` must not start a parallel region on
     every core next to the other workers."""
     if _THREADS_SET:
+        return
+    import multiprocessing
+
+    if multiprocessing.parent_process() is None:
+        # not a worker process of its own (a threaded worker inside the client's process,
+        # or ``dask worker --no-nanny``): leave the hosting process's thread count alone
         return
     try:
         from distributed import get_worker
@@ -148,11 +154,14 @@ def predict(
             for b, bg, n in zip(blocks, bags, batches.chunks[0], strict=True)
         ]
         return da.concatenate(parts, axis=0)
+    frame_type: Any = None
     try:
         import dask.dataframe as dd
-    except ImportError:  # pragma: no cover - dask without its dataframe extra
-        dd = None
-    if dd is not None and isinstance(batches, dd.DataFrame):
+
+        frame_type = dd.DataFrame
+    except ImportError:  # pragma: no cover - dask without its dataframe extra (pandas, pyarrow)
+        pass
+    if frame_type is not None and isinstance(batches, frame_type):
         cols = list(batches.columns)
         dtypes = batches.dtypes
         if dense_columns is None:

@@ -381,7 +381,7 @@ def train_decentralized(
             raise ValueError(f"round {r + 1}: the surviving sites all have weight 0")
         new_f = client.submit(_finish, part, workers=[addr], allow_other_workers=False, pure=False)
         del part, trained
-        homes = sorted({p.addr for p in sites_p if p.state is not None} - {addr})
+        homes = sorted({p.addr for p in sites_p if p.state is not None and p.addr} - {addr})
         if homes:  # broadcast now: the next round's start survives the loss of one worker
             client.replicate([new_f], workers=homes + [addr])
         metrics = client.submit(_evaluate, evaluate, new_f, workers=[addr], pure=False).result(

@@ -7,6 +7,8 @@
 - :mod:`~qgemm.training.running` -- :class:`RunningAverage` (running mean, EMA, variance);
 - :mod:`~qgemm.training.schedules` -- :func:`cyclical_lr`, :class:`CyclicalLR`;
 - :mod:`~qgemm.training.decentralized` -- :func:`train_decentralized`, the averaging recipe;
+- :mod:`~qgemm.training.sparse` -- :func:`rowwise_adagrad`, FBGEMM's rowwise AdaGrad for
+  embedding tables;
 - ``_tree`` (private) -- parameter-set structure: spec, leaves, gather, rebuild.
 
 The public names are re-exported here, by :mod:`qgemm.averaging` and by :mod:`qgemm`.
@@ -19,6 +21,7 @@ from .engine import average
 from .reduction import INT_POLICIES, Partial, combine, finish, partial
 from .running import RunningAverage
 from .schedules import CLR_MODES, CyclicalLR, cyclical_lr
+from .sparse import rowwise_adagrad, rowwise_adagrad_state
 
 __all__ = [
     "INT_POLICIES",
@@ -33,4 +36,6 @@ __all__ = [
     "partial",
     "combine",
     "finish",
+    "rowwise_adagrad",
+    "rowwise_adagrad_state",
 ]
