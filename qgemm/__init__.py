@@ -6,8 +6,9 @@ tables, and model averaging -- FBGEMM's job from a pure-pip install.
 
 from __future__ import annotations
 
-from ._cache import cache_clear, cache_info
+from ._cache import cache_clear, cache_info, wait_ready
 from ._config import get_isa, get_num_threads, set_isa, set_num_threads
+from ._half import HalfPackedWeight, linear_half, pack_weight_half
 from .averaging import (
     CyclicalLR,
     DecentralizedResult,
@@ -18,7 +19,6 @@ from .averaging import (
 )
 from .embedding import embedding_bag
 from .embedding_batched import TableBatchedEmbeddingBags, embedding_bags
-from ._half import HalfPackedWeight, linear_half, pack_weight_half
 from .gemm import PackedWeight, linear, matmul_u8s8, pack_weight, quantized_linear
 from .interop import from_torch
 from .models import DLRM
@@ -31,6 +31,7 @@ from .quantize import (
     quantize,
     quantize_rowwise,
 )
+from .warmup import warmup
 
 __version__ = "0.1.0"
 
@@ -56,6 +57,8 @@ __all__ = [
     "__version__",
     "cache_clear",
     "cache_info",
+    "wait_ready",
+    "warmup",
     "get_isa",
     "set_isa",
     "get_num_threads",

@@ -31,10 +31,12 @@ for few keys (``generic_key(key)``; shape-agnostic, ``cache=True``), so it is qu
   built before (recorded in the disk cache folder) is loaded synchronously: a disk load.
 * ``generic``: the generic kernel, always (tests force each tier with it).
 
-The worker is a daemon thread (``QGEMM_JIT_WORKER=thread``, default) or a thread that runs
-each build in a subprocess writing into the disk cache, which the parent then loads
-(``QGEMM_JIT_WORKER=process``).  :func:`wait_ready` blocks until the queue is empty;
-benchmarks call it (or run with ``QGEMM_JIT=eager``) so they measure the specialised tier.
+The worker is a daemon thread that runs each build in a subprocess writing into the disk
+cache, which the parent then loads (``QGEMM_JIT_WORKER=process``, default: the parent never
+holds Numba's compiler lock for a background compile), or builds in the thread itself
+(``QGEMM_JIT_WORKER=thread``; see :mod:`qgemm._tiers` for the measurements).
+:func:`wait_ready` blocks until the queue is empty; benchmarks call it (or run with
+``QGEMM_JIT=eager``) so they measure the specialised tier.
 """
 
 from __future__ import annotations
@@ -190,7 +192,7 @@ def kernel_family(
             fam = _Family(name, build)
             if generic is not None:
                 fam.generic = generic
-                fam.generic_key = generic_key or getattr(generic, "generic_key", _identity)
+                fam.generic_key = generic_key or getattr(generic, "generic_key", _identity)  # type: ignore[assignment]
             _families[name] = fam
 
         def lookup(key: Hashable) -> Callable:
@@ -395,7 +397,7 @@ def cache_info() -> CacheInfo:
                 tuple(tiers),
                 tiers,
                 f.generic_seconds,
-                tuple(g[1] for g in f.generic_kernels),
+                tuple(g[1] for g in f.generic_kernels),  # type: ignore[index]
                 dict(f.build_seconds),
             )
     return CacheInfo(

@@ -29,6 +29,7 @@ import shutil
 import sys
 import tempfile
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numba
@@ -55,7 +56,7 @@ def _version() -> str:
     return m.group(1) if m else "dev"
 
 
-def default_dir(env: dict[str, str] | None = None, platform: str | None = None) -> str:
+def default_dir(env: Mapping[str, str] | None = None, platform: str | None = None) -> str:
     """The per-user cache folder of this qgemm version (no environment override applied)."""
     env = os.environ if env is None else env
     platform = sys.platform if platform is None else platform
@@ -102,7 +103,7 @@ def _inside_package(path: str) -> bool:
         return False
 
 
-def resolve(env: dict[str, str] | None = None) -> CacheDir:
+def resolve(env: Mapping[str, str] | None = None) -> CacheDir:
     """Choose the cache folder from the environment; never raises, may warn (see module doc)."""
     env = os.environ if env is None else env
     for name in ("QGEMM_CACHE_DIR", "NUMBA_CACHE_DIR"):

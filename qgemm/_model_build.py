@@ -297,7 +297,7 @@ def write_npz(path: Any, arrays: Mapping[str, np.ndarray]) -> None:
     leaves either the old file or the new one, never half of one.  A ``.npz`` suffix is
     appended when missing (as numpy does)."""
     if not isinstance(path, (str, os.PathLike)):
-        np.savez(path, **arrays)  # a file object: the caller owns it
+        np.savez(path, **arrays)  # type: ignore[arg-type]  # a file object: the caller owns it
         return
     path = os.fspath(path)
     if not path.endswith(".npz"):
@@ -305,7 +305,7 @@ def write_npz(path: Any, arrays: Mapping[str, np.ndarray]) -> None:
     tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with open(tmp, "xb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, **arrays)  # type: ignore[arg-type]
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -112,9 +112,13 @@ class _Plan:
     """
 
     __slots__ = ("ser", "par", "nchunks", "threads", "t_ser", "t_par", "use_par", "next_probe",
-                 "backoff", "head", "seven")  # fmt: skip
+                 "backoff", "head", "seven", "ser_key")  # fmt: skip
 
-    def __init__(self, ser, par, nchunks, threads, head, seven):
+    def __init__(self, ser, par, nchunks, threads, head, seven, ser_key=None):
+        # ser is None for a parallel plan until adaptive threads need its serial twin (built
+        # then from ser_key): with adaptive threads off it is never called, and compiling it
+        # would double the cold compile of a parallel-eligible call.
+        self.ser_key = ser_key
         # the kernel arguments after (a, M, K) that only depend on the weight and the plan
         # (b16: the exact variant's int16 weight twin, or the int8 panels, then unread)
         self.head = head
@@ -154,13 +158,14 @@ def _plan(kind: str, m: int, weight: PackedWeight, saturate: bool) -> _Plan:
     nchunks = 1
     if parallel and nct < 4 * threads:
         nchunks = -(-4 * threads // max(nct, 1))
-    ser = gemm_kernel((kind, fast, exact, mr, nv, nr, False))
+    ser_key = (kind, fast, exact, mr, nv, nr, False)
+    ser = None if parallel and not _config.adaptive_threads() else gemm_kernel(ser_key)
     par = gemm_kernel((kind, fast, exact, mr, nv, nr, True)) if parallel else None
     can_saturate = weight._pairmax * 255 > _INT16_MAX
     b16 = weight._wide() if exact == "avx2w" and can_saturate else weight._packed
     head = (weight._kg, weight._packed, b16, n, weight._np, weight._pairmax)
     seven = not saturate and row.int16_pairs and can_saturate
-    plan = _Plan(ser, par, nchunks, threads if parallel else 1, head, seven)
+    plan = _Plan(ser, par, nchunks, threads if parallel else 1, head, seven, ser_key)
     if len(weight._plans) > 64:
         weight._plans.clear()
     weight._plans[pkey] = plan
@@ -244,6 +249,8 @@ def _run(
     if not _config._state["adaptive_threads"]:
         _config.sync_threads()
         return plan.par(*args, plan.threads, out2)
+    if plan.ser is None:
+        plan.ser = gemm_kernel(plan.ser_key)
     t0 = _perf_counter()
     probe = t0 >= plan.next_probe or plan.t_ser == 0.0 or plan.t_par == 0.0
     if plan.t_par == 0.0:

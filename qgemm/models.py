@@ -387,6 +387,12 @@ class DLRM:
 
         return ShardedDLRM(self, client, **kw)
 
+    def warmup(self, *, jobs: int | None = None, progress: bool = False) -> dict[str, float]:
+        """Compile the kernels this model's inference needs (:func:`qgemm.warmup`)."""
+        from .warmup import warmup
+
+        return warmup(self, jobs=jobs, progress=progress)
+
     def laplace(self, dense: Any, indices: Any, offsets: Any, y: Any, **kw: Any) -> Any:
         """Subnetwork Laplace over the top MLP: :func:`qgemm.laplace.dlrm_laplace`."""
         from .laplace import dlrm_laplace

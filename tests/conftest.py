@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-import pytest
-from hypothesis import HealthCheck, settings
+# Tiered compilation would build a generic and a specialised kernel for every new key; the
+# suite compiles each once (tests that exercise the tiers force them themselves).
+os.environ.setdefault("QGEMM_JIT", "eager")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "qgemm",
@@ -50,6 +54,7 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
 
 # Float tolerances (relative, absolute) by output dtype, used across the suite.
 FLOAT32_RTOL = 1e-5

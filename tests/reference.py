@@ -59,8 +59,9 @@ def ref_quantize(x, scale, zero_point, qmin, qmax, dtype):
 
 
 def ref_dequantize(q, scale, zero_point):
-    return ((np.asarray(q, np.int32) - np.asarray(zero_point, np.int32)).astype(np.float32)
-            * np.asarray(scale, np.float32))
+    return (np.asarray(q, np.int32) - np.asarray(zero_point, np.int32)).astype(
+        np.float32
+    ) * np.asarray(scale, np.float32)
 
 
 def ref_quantize_rowwise_fused(table, bits):
@@ -135,8 +136,12 @@ def ref_gemm_corrected(a, a_zp, w, w_zp, saturate=False):
     w_zp = np.broadcast_to(np.asarray(w_zp, np.int64), (w.shape[0],))
     k = a.shape[1]
     raw = ref_matmul_u8s8(a, w, saturate)
-    return (raw - int(a_zp) * w.sum(axis=1)[None, :] - a.sum(axis=1)[:, None] * w_zp[None, :]
-            + k * int(a_zp) * w_zp[None, :])
+    return (
+        raw
+        - int(a_zp) * w.sum(axis=1)[None, :]
+        - a.sum(axis=1)[:, None] * w_zp[None, :]
+        + k * int(a_zp) * w_zp[None, :]
+    )
 
 
 def _split_bias(bias, n):
@@ -174,8 +179,9 @@ def ref_output_requant(raw, a_scale, w_scale, c_scale, c_zp, bias=None, relu=Fal
     return np.clip(q, c_zp if relu else 0, qmax).astype(np.uint8)
 
 
-def ref_linear_dynamic(x, w, w_scale, w_zp, bias=None, relu=False, reduce_range=False,
-                       saturate=False):
+def ref_linear_dynamic(
+    x, w, w_scale, w_zp, bias=None, relu=False, reduce_range=False, saturate=False
+):
     """Dynamic quantized linear: per-tensor uint8 activations from ``x``'s range (FBGEMM's
     ChooseQuantizationParams), int GEMM, float output stage.  ``w`` int8 codes ``[N, K]``."""
     x = np.asarray(x, np.float32)
@@ -218,8 +224,9 @@ def ref_average_leaf(values, weights, int_policy="max"):
     """Weighted average of one leaf over models, as qgemm.average defines it: models with zero
     weight are ignored; floats as float64 ``(w0 x0 + w1 x1 + ...) / sum(w)`` left to right,
     rounded once to the dtype; integers by ``int_policy``."""
-    pairs = [(np.asarray(v), float(w)) for v, w in zip(values, weights, strict=True)
-             if float(w) > 0]
+    pairs = [
+        (np.asarray(v), float(w)) for v, w in zip(values, weights, strict=True) if float(w) > 0
+    ]
     dt = pairs[0][0].dtype
     total = sum(w for _, w in pairs)
     if dt.kind == "f":
@@ -246,8 +253,9 @@ def ref_average(models, weights=None, int_policy="max"):
     models = list(models)
     weights = [1.0] * len(models) if weights is None else list(weights)
     flats = [ref_flatten(m) for m in models]
-    return ref_unflatten({p: ref_average_leaf([f[p] for f in flats], weights, int_policy)
-                          for p in flats[0]})
+    return ref_unflatten(
+        {p: ref_average_leaf([f[p] for f in flats], weights, int_policy) for p in flats[0]}
+    )
 
 
 def ref_weighted_variance(values, weights):
@@ -335,8 +343,16 @@ def ref_dlrm_forward(bottom, top, tables, dense, indices, offsets, self_interact
 # Embedding bags (qgemm.embedding): float64, one Python loop per bag, torch's semantics.
 
 
-def ref_embedding_bag(table, indices, offsets=None, lengths=None, mode="sum", weights=None,
-                      include_last_offset=False, padding_idx=None):
+def ref_embedding_bag(
+    table,
+    indices,
+    offsets=None,
+    lengths=None,
+    mode="sum",
+    weights=None,
+    include_last_offset=False,
+    padding_idx=None,
+):
     """Pool rows of a dense float ``table`` (dequantize a quantized one first) over bags.
 
     Bags: 2-D ``indices`` = fixed-size bags; else ``offsets`` (torch, with
@@ -359,8 +375,9 @@ def ref_embedding_bag(table, indices, offsets=None, lengths=None, mode="sum", we
         if include_last_offset:
             bounds = [(offs[b], offs[b + 1]) for b in range(len(offs) - 1)]
         else:
-            bounds = [(o, offs[b + 1] if b + 1 < len(offs) else len(idx))
-                      for b, o in enumerate(offs)]
+            bounds = [
+                (o, offs[b + 1] if b + 1 < len(offs) else len(idx)) for b, o in enumerate(offs)
+            ]
     pad = None if padding_idx is None else padding_idx % rows
     out = np.zeros((len(bounds), dim))
     for b, (start, stop) in enumerate(bounds):
@@ -377,11 +394,18 @@ def ref_embedding_bag(table, indices, offsets=None, lengths=None, mode="sum", we
     return out
 
 
-def ref_embedding_bag_tolerance(table, indices, offsets=None, lengths=None, weights=None,
-                                include_last_offset=False):
+def ref_embedding_bag_tolerance(
+    table, indices, offsets=None, lengths=None, weights=None, include_last_offset=False
+):
     """Absolute error bound per output element of a float32 sum: 2e-6 times the sum of the
     magnitudes it adds (float32 accumulation in any order), plus a tiny floor."""
-    mag = ref_embedding_bag(np.abs(np.asarray(table, np.float64)), indices, offsets, lengths,
-                            "sum", None if weights is None else np.abs(weights),
-                            include_last_offset)
+    mag = ref_embedding_bag(
+        np.abs(np.asarray(table, np.float64)),
+        indices,
+        offsets,
+        lengths,
+        "sum",
+        None if weights is None else np.abs(weights),
+        include_last_offset,
+    )
     return 2e-6 * mag + 1e-6

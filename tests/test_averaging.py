@@ -110,8 +110,9 @@ def test_average_matches_reference(n, shape, dtype, policy, weights, seed, as_ge
     weights = weights[:n]
     if not any(weights):
         weights[rng.integers(n)] = 1.0
-    models = [{"p": _rand(rng, shape, dtype), "q": {"r": _rand(rng, (3,), np.float32)}}
-              for _ in range(n)]
+    models = [
+        {"p": _rand(rng, shape, dtype), "q": {"r": _rand(rng, (3,), np.float32)}} for _ in range(n)
+    ]
     if np.dtype(dtype).kind in "iu" and policy == "sum":
         # keep sums in range: |x| // (n + 1) times n models fits every dtype drawn
         models = [{"p": np.asarray(m["p"] // (n + 1), dtype), "q": m["q"]} for m in models]
@@ -161,8 +162,10 @@ def test_average_parallel_path_matches_reference(monkeypatch):
     monkeypatch.setattr(K, "PARALLEL_MIN", 1024)
     rng = np.random.default_rng(4)
     n = 2 * K.CHUNK + 12345  # several chunks, a ragged last one
-    models = [{"w": rng.standard_normal(n).astype(np.float32),
-               "d": rng.standard_normal(n // 3)} for _ in range(3)]
+    models = [
+        {"w": rng.standard_normal(n).astype(np.float32), "d": rng.standard_normal(n // 3)}
+        for _ in range(3)
+    ]
     want = ref_average(models, [0.5, 2.0, 1.0])
     assert_tree_equal(average(iter(models), [0.5, 2.0, 1.0]), want)
 
@@ -175,10 +178,15 @@ def test_average_in_memory_all_models_kernel(monkeypatch, parallel):
         monkeypatch.setattr(K, "PARALLEL_MIN", 1024)
     rng = np.random.default_rng(5)
     n = 3 * K.MULTI_CHUNK + 77 if parallel else 301
-    models = [{"a": rng.standard_normal(n).astype(np.float32),
-               "b": {"c": rng.standard_normal((2, n // 2))},
-               "h": rng.standard_normal(5).astype(np.float16),
-               "k": np.array([j], np.int64)} for j in range(7)]
+    models = [
+        {
+            "a": rng.standard_normal(n).astype(np.float32),
+            "b": {"c": rng.standard_normal((2, n // 2))},
+            "h": rng.standard_normal(5).astype(np.float16),
+            "k": np.array([j], np.int64),
+        }
+        for j in range(7)
+    ]
     # six positive weights: the first, two pairs and one more
     ws = [0.5, 1.0, 0.0, 2.0, 3.0, 0.25, 1.5]
     want = ref_average(models, ws)
@@ -306,10 +314,16 @@ def _pair():
     [
         (lambda m: m["a"]["b"].pop("c"), ValueError, r"models\[1\]: key 'a.b.c' is missing"),
         (lambda m: m["a"]["b"].update(e=np.zeros(1)), ValueError, r"key 'a.b.e' is unexpected"),
-        (lambda m: m["a"]["b"].update(c=np.zeros(4, np.float32)), ValueError,
-         r"key 'a.b.c': expected float32 array of shape \(3,\).*got float32 array of shape"),
-        (lambda m: m["a"]["b"].update(c=np.zeros(3, np.float64)), TypeError,
-         r"key 'a.b.c': expected float32 .*got float64"),
+        (
+            lambda m: m["a"]["b"].update(c=np.zeros(4, np.float32)),
+            ValueError,
+            r"key 'a.b.c': expected float32 array of shape \(3,\).*got float32 array of shape",
+        ),
+        (
+            lambda m: m["a"]["b"].update(c=np.zeros(3, np.float64)),
+            TypeError,
+            r"key 'a.b.c': expected float32 .*got float64",
+        ),
         (lambda m: m["a"]["b"].update(c=np.zeros(3, np.int32)), TypeError, r"key 'a.b.c'"),
         (lambda m: m["a"].update(b=np.zeros(1)), TypeError, r"key 'a.b': expected a mapping"),
         (lambda m: m.update(d={"x": np.zeros(2)}), TypeError, r"key 'd': expected a leaf"),
@@ -374,8 +388,9 @@ def test_average_rowwise_quantized_tables(bits):
     rng = np.random.default_rng(bits)
     floats = [rng.standard_normal((6, 5)).astype(np.float32) for _ in range(3)]
     tables = [quantize_rowwise(f, bits=bits) for f in floats]
-    got = average([{"emb": t, "b": f[0]} for t, f in zip(tables, floats, strict=True)],
-                  [1.0, 2.0, 0.5])
+    got = average(
+        [{"emb": t, "b": f[0]} for t, f in zip(tables, floats, strict=True)], [1.0, 2.0, 0.5]
+    )
     deq = ref_average_leaf([t.dequantize() for t in tables], [1.0, 2.0, 0.5])
     want = quantize_rowwise(deq, bits=bits)
     assert got["emb"].bits == bits and got["emb"].shape == (6, 5)
@@ -417,8 +432,9 @@ def test_average_packed_weight_protocol():
     rng = np.random.default_rng(7)
     ws = [rng.standard_normal((4, 3)).astype(np.float32) for _ in range(3)]
     got = average([{"fc": _FakePacked.pack(w)} for w in ws])["fc"]
-    want = _FakePacked.pack(ref_average_leaf([_FakePacked.pack(w).dequantize() for w in ws],
-                                             [1, 1, 1]))
+    want = _FakePacked.pack(
+        ref_average_leaf([_FakePacked.pack(w).dequantize() for w in ws], [1, 1, 1])
+    )
     assert isinstance(got, _FakePacked)
     np.testing.assert_array_equal(got.codes, want.codes)
     assert got.scale == want.scale
@@ -502,17 +518,20 @@ def test_running_average_int_policies_and_rowwise():
     assert rm.value["n"].dtype == np.uint8
     # rowwise tables: the running mean of the dequantized tables, re-quantized
     rng = np.random.default_rng(15)
-    tabs = [quantize_rowwise(rng.standard_normal((3, 8)).astype(np.float32), bits=4)
-            for _ in range(3)]
+    tabs = [
+        quantize_rowwise(rng.standard_normal((3, 8)).astype(np.float32), bits=4) for _ in range(3)
+    ]
     rt = RunningAverage(track_variance=True)
     for t in tabs:
         rt.update({"emb": t})
     deq = [t.dequantize() for t in tabs]
-    np.testing.assert_array_equal(rt.value["emb"].fused,
-                                  quantize_rowwise(ref_average_leaf(deq, [1, 1, 1]).astype(
-                                      np.float32), bits=4).fused)
-    np.testing.assert_allclose(rt.variance["emb"], ref_weighted_variance(deq, [1, 1, 1]),
-                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(
+        rt.value["emb"].fused,
+        quantize_rowwise(ref_average_leaf(deq, [1, 1, 1]).astype(np.float32), bits=4).fused,
+    )
+    np.testing.assert_allclose(
+        rt.variance["emb"], ref_weighted_variance(deq, [1, 1, 1]), rtol=1e-5, atol=1e-7
+    )
 
 
 def test_running_average_errors_and_state_safety():
@@ -582,11 +601,12 @@ def test_swa_utils_parity():
 def test_cyclical_lr_hand_computed():
     # base 0.1, max 1.0, step_size 2: 0.1, 0.55, 1.0, 0.55, 0.1, 0.55, ...
     got = [cyclical_lr(s, base_lr=0.1, max_lr=1.0, step_size=2) for s in range(9)]
-    np.testing.assert_allclose(got, [0.1, 0.55, 1.0, 0.55, 0.1, 0.55, 1.0, 0.55, 0.1],
-                               rtol=1e-15)
+    np.testing.assert_allclose(got, [0.1, 0.55, 1.0, 0.55, 0.1, 0.55, 1.0, 0.55, 0.1], rtol=1e-15)
     # triangular2: amplitude halves each cycle (cycle = 4 steps)
-    t2 = [cyclical_lr(s, base_lr=0.0, max_lr=1.0, step_size=2, mode="triangular2")
-          for s in (2, 6, 10, 12)]
+    t2 = [
+        cyclical_lr(s, base_lr=0.0, max_lr=1.0, step_size=2, mode="triangular2")
+        for s in (2, 6, 10, 12)
+    ]
     np.testing.assert_allclose(t2, [1.0, 0.5, 0.25, 0.0])
     # exp_range: amplitude gamma**step
     e = cyclical_lr(2, base_lr=0.0, max_lr=1.0, step_size=2, mode="exp_range", gamma=0.5)
@@ -623,11 +643,18 @@ def test_cyclical_lr_matches_torch(mode, down):
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=0.1)
     sched = torch.optim.lr_scheduler.CyclicLR(
-        opt, base_lr=0.01, max_lr=0.2, step_size_up=5, step_size_down=down, mode=mode,
-        gamma=0.97, cycle_momentum=False,
+        opt,
+        base_lr=0.01,
+        max_lr=0.2,
+        step_size_up=5,
+        step_size_down=down,
+        mode=mode,
+        gamma=0.97,
+        cycle_momentum=False,
     )
-    clr = CyclicalLR(base_lr=0.01, max_lr=0.2, step_size=5, mode=mode, gamma=0.97,
-                     step_size_down=down)
+    clr = CyclicalLR(
+        base_lr=0.01, max_lr=0.2, step_size=5, mode=mode, gamma=0.97, step_size_down=down
+    )
     ours = list(islice(clr, 60))
     theirs = []
     for _ in range(60):
@@ -692,9 +719,15 @@ def test_train_decentralized_against_manual_loop():
     sites, calls = _quadratic_sites(targets)
     clr = CyclicalLR(base_lr=0.05, max_lr=0.5, step_size=1.5)
     init = {"w": np.zeros(2), "steps": np.array(0)}
-    res = train_decentralized(init, sites, rounds=4, local_epochs=3, lr=clr,
-                              site_weights=sizes,
-                              evaluate=lambda p: {"dist": float(np.abs(p["w"]).sum())})
+    res = train_decentralized(
+        init,
+        sites,
+        rounds=4,
+        local_epochs=3,
+        lr=clr,
+        site_weights=sizes,
+        evaluate=lambda p: {"dist": float(np.abs(p["w"]).sum())},
+    )
     # manual reference
     w, steps = np.zeros(2), 0
     for r in range(4):
@@ -720,8 +753,13 @@ def test_train_decentralized_against_manual_loop():
 
 def test_train_decentralized_constant_lr_and_errors():
     sites, _ = _quadratic_sites([np.array([2.0])])
-    res = train_decentralized({"w": np.zeros(1), "steps": np.array(0)}, sites, rounds=2, lr=0.5,
-                              evaluate=lambda p: float(p["w"][0]))
+    res = train_decentralized(
+        {"w": np.zeros(1), "steps": np.array(0)},
+        sites,
+        rounds=2,
+        lr=0.5,
+        evaluate=lambda p: float(p["w"][0]),
+    )
     np.testing.assert_allclose(res.metric("metric"), [0.0, 1.0, 1.5])
     init = {"w": np.zeros(1), "steps": np.array(0)}
     with pytest.raises(ValueError, match="sites"):
@@ -742,13 +780,18 @@ def test_train_decentralized_constant_lr_and_errors():
         train_decentralized([1], sites, rounds=1, lr=0.1)
 
 
-@pytest.mark.parametrize("granularity, reduce_range", [("channel", False), ("tensor", False),
-                                                       ("group", False), ("channel", True)])
+@pytest.mark.parametrize(
+    "granularity, reduce_range",
+    [("channel", False), ("tensor", False), ("group", False), ("channel", True)],
+)
 def test_average_packed_weights(granularity, reduce_range):
     gemm = pytest.importorskip("qgemm.gemm")
     rng = np.random.default_rng(8)
-    kw = dict(granularity=granularity, reduce_range=reduce_range,
-              group_size=2 if granularity == "group" else None)
+    kw = dict(
+        granularity=granularity,
+        reduce_range=reduce_range,
+        group_size=2 if granularity == "group" else None,
+    )
     floats = [rng.standard_normal((6, 5)).astype(np.float32) for _ in range(3)]
     packed = [gemm.pack_weight(f, **kw) for f in floats]
     got = average([{"fc": {"weight": p}} for p in packed], [1.0, 0.5, 2.0])["fc"]["weight"]

@@ -153,10 +153,14 @@ _tiered_family = kernel_family("test_tiered", generic=_generic_for)(_slow_specia
 
 @pytest.fixture
 def jit_mode():
+    """Set the JIT mode for one test; the toy families build in the worker thread (their
+    kernels are not disk-cached, so a worker process would only add an interpreter start)."""
     old = _cache.get_jit_mode()
+    old_worker = _cache._tiers.set_worker("thread")
     yield _cache.set_jit_mode
     _cache.wait_ready(30)
     _cache.set_jit_mode(old)
+    _cache._tiers.set_worker(old_worker)
 
 
 def test_tiered_serves_generic_then_swaps(jit_mode):
@@ -312,6 +316,7 @@ def test_gemm_tiered_first_call_then_specialised(jit_mode):
     want = qgemm.linear(x, qgemm.pack_weight(w))
     qgemm.cache_clear()
     jit_mode("tiered")
+    _cache._tiers.set_worker("process")  # the default: compiled in a subprocess, then loaded
     _cache._tiers.forget_built()
     _cache._tiers._built = set()  # as on a machine where nothing was built before
     pw = qgemm.pack_weight(w)

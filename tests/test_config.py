@@ -74,8 +74,17 @@ def test_fastmath_policy_never_assumes_finite():
 
 # --------------------------------------------------------------------------- the ISA table
 
-_LANES = {"vnni": 16, "vnni256": 8, "avx2": 8, "avx2x": 8, "avx2w": 8, "avx2s": 8, "portable": 16,
-          "portables": 16}  # fmt: skip
+_LANES = {
+    "vnni": 16,
+    "vnni256": 8,
+    "avx2": 8,
+    "avx2x": 8,
+    "avx2w": 8,
+    "avx2v": 8,
+    "avx2s": 8,
+    "portable": 16,
+    "portables": 16,
+}
 
 
 def test_isa_table_is_consistent():
@@ -112,7 +121,7 @@ def test_isa_tiles_for_each_path():
     assert _isa.path("avx512vnni").tile(False, 64)[2] == _isa.Tile(6, 4, 64)
     assert _isa.path("avx512vnni").tile(False, 16)[2] == _isa.Tile(8, 1, 16)
     assert _isa.path("avx512vnni").tile(True, 64)[:2] == ("avx2s", "avx2s")
-    assert _isa.path("avx2").tile(False, 64) == ("avx2", "avx2w", _isa.Tile(4, 2, 16))
+    assert _isa.path("avx2").tile(False, 64) == ("avx2", "avx2v", _isa.Tile(4, 2, 16))
     assert _isa.path("portable").tile(True, 64) == ("portables", "portables", _isa.Tile(4, 4, 64))
     assert [_isa.panel_width(n) for n in (0, 1, 16, 17, 1000)] == [16, 16, 16, 64, 64]
     with pytest.raises(KeyError):

@@ -311,7 +311,7 @@ def call_overhead(
             args = (a, m, k, *head, 1, out)
             args0 = (a[:0], 0, k, *head, 1, out[:0])
             t_call = _best(call)
-            kern = plan.ser
+            kern = plan.ser if plan.ser is not None else _g.gemm_kernel(plan.ser_key)
 
             def full(kern: Any = kern, args: tuple = args) -> Any:
                 return kern(*args)
