@@ -152,9 +152,12 @@ _tiered_family = kernel_family("test_tiered", generic=_generic_for)(_slow_specia
 
 
 @pytest.fixture
-def jit_mode():
+def jit_mode(monkeypatch):
     """Set the JIT mode for one test; the toy families build in the worker thread (their
-    kernels are not disk-cached, so a worker process would only add an interpreter start)."""
+    kernels are not disk-cached, so a worker process would only add an interpreter start).
+    The record of keys already built into the disk cache is ignored, so an earlier run on
+    the same cache folder cannot turn a tiered first call into a quick eager load."""
+    monkeypatch.setattr(_cache._tiers, "known_built", lambda *args: False)
     old = _cache.get_jit_mode()
     old_worker = _cache._tiers.set_worker("thread")
     yield _cache.set_jit_mode

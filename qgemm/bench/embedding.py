@@ -104,7 +104,9 @@ class Tables:
         self.q2 = quantize_rowwise(self.fp32, bits=2)
 
     def qgemm_table(self, kind: str) -> Any:
-        return {"fp32": self.fp32, "8-bit": self.q8, "4-bit": self.q4, "2-bit": self.q2}[kind]
+        if kind == "2-bit":
+            return self.q2
+        return {"fp32": self.fp32, "8-bit": self.q8, "4-bit": self.q4}[kind]
 
 
 _TORCH_OPS = {
