@@ -58,9 +58,13 @@ def is_parallel(kernel: Any) -> bool:
 
 
 def guard(kernel: Callable) -> Callable:
-    """``kernel`` itself, or -- for a parallel kernel on the ``workqueue`` layer -- a wrapper
-    that launches it under :data:`launch_lock` (same call signature and result)."""
-    if not is_parallel(kernel) or not needs_lock():
+    """``kernel`` itself, or -- on the ``workqueue`` layer -- a wrapper that launches it under
+    :data:`launch_lock` (same call signature and result)."""
+    # Every kernel is wrapped on workqueue, not only those whose dispatcher says parallel: a
+    # kernel built cold was seen reporting no ``parallel`` target option while launching a
+    # parallel region (8-thread stress with an empty cache aborted the process).  Serial
+    # kernels then take the lock too -- only on this layer, where safety comes first.
+    if not callable(kernel) or not needs_lock():
         return kernel
 
     @functools.wraps(kernel, updated=())
