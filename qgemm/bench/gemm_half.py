@@ -23,25 +23,9 @@ import numpy as np
 from .. import _config
 from .._half import linear_half, pack_weight_half
 from ._timing import Table, compare, geomean, peer_torch
+from .gemm import SHAPES as FBGEMM_SHAPES
 
-SHAPES = [
-    (1, 128, 512),
-    (1, 1024, 256),
-    (1, 4096, 1024),
-    (6, 256, 1024),
-    (6, 4096, 2048),
-    (10, 2048, 256),
-    (20, 4096, 1024),
-    (102, 1024, 512),
-    (102, 2323, 256),
-    (1, 800, 3200),
-    (16, 256, 1500),
-    (64, 800, 320),
-    (64, 768, 512),
-    (128, 128, 128),
-    (256, 512, 256),
-    (1024, 1024, 1024),
-]
+SHAPES = FBGEMM_SHAPES  # FBGEMM's 16 benchmark shapes, one list for every GEMM suite
 QUICK_SHAPES = [(1, 128, 512), (6, 256, 1024), (16, 256, 1500), (64, 768, 512)]
 NAN = float("nan")
 TARGET_TORCH = 1.2
