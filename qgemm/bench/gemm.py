@@ -137,28 +137,39 @@ class Case:
         return lambda: op(tx, packed, False)
 
     # ONNX Runtime ----------------------------------------------------------------------
-    def _session(self, graph):
-        import onnx
+    def _ort_node(self, op, feed_name, feed, out_type, inits, domain=""):
+        """A one-node ONNX graph ``op(feed_name, *inits) -> y`` in an ORT session with qgemm's
+        thread count; returns the timed call."""
         import onnxruntime as ort
+        from onnx import TensorProto, helper
 
-        model = onnx.helper.make_model(
+        m, n, _ = self.shape
+        in_type = TensorProto.FLOAT if feed.dtype == np.float32 else TensorProto.UINT8
+        node = helper.make_node(op, [feed_name, *(i.name for i in inits)], ["y"], domain=domain)
+        graph = helper.make_graph(
+            [node],
+            op,
+            [helper.make_tensor_value_info(feed_name, in_type, list(feed.shape))],
+            [helper.make_tensor_value_info("y", out_type, [m, n])],
+            inits,
+        )
+        model = helper.make_model(
             graph,
-            opset_imports=[
-                onnx.helper.make_opsetid("", 17),
-                onnx.helper.make_opsetid("com.microsoft", 1),
-            ],
+            opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
         )
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = _config.get_num_threads()
         opts.inter_op_num_threads = 1
-        return ort.InferenceSession(
+        sess = ort.InferenceSession(
             model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
         )
+        inputs = {feed_name: feed}
+        return lambda: sess.run(None, inputs)
 
     def ort_static(self) -> Callable[[], Any]:
-        from onnx import TensorProto, helper, numpy_helper
+        from onnx import TensorProto, numpy_helper
 
-        m, n, k = self.shape
+        n = self.shape[1]
         codes = self.pw.unpack()
         inits = [
             numpy_helper.from_array(np.asarray(self.xqp.scale, np.float32), "a_scale"),
@@ -169,26 +180,12 @@ class Case:
             numpy_helper.from_array(np.asarray(self.oqp.scale, np.float32), "y_scale"),
             numpy_helper.from_array(np.asarray(self.oqp.zero_point, np.uint8), "y_zp"),
         ]
-        node = helper.make_node(
-            "QLinearMatMul",
-            ["a", "a_scale", "a_zp", "b", "b_scale", "b_zp", "y_scale", "y_zp"],
-            ["y"],
-        )
-        graph = helper.make_graph(
-            [node],
-            "qlinear",
-            [helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k])],
-            [helper.make_tensor_value_info("y", TensorProto.UINT8, [m, n])],
-            inits,
-        )
-        sess = self._session(graph)
-        feed = {"a": self.xq}
-        return lambda: sess.run(None, feed)
+        return self._ort_node("QLinearMatMul", "a", self.xq, TensorProto.UINT8, inits)
 
     def ort_dynamic(self) -> Callable[[], Any]:
-        from onnx import TensorProto, helper, numpy_helper
+        from onnx import TensorProto, numpy_helper
 
-        m, n, k = self.shape
+        n = self.shape[1]
         codes = self.pw.unpack()
         inits = [
             numpy_helper.from_array(np.ascontiguousarray(codes.T), "b"),
@@ -196,22 +193,9 @@ class Case:
             numpy_helper.from_array(np.zeros(n, np.int8), "b_zp"),
             numpy_helper.from_array(self.bias, "bias"),
         ]
-        node = helper.make_node(
-            "DynamicQuantizeMatMul",
-            ["x", "b", "b_scale", "b_zp", "bias"],
-            ["y"],
-            domain="com.microsoft",
+        return self._ort_node(
+            "DynamicQuantizeMatMul", "x", self.x, TensorProto.FLOAT, inits, "com.microsoft"
         )
-        graph = helper.make_graph(
-            [node],
-            "dynq",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
-            inits,
-        )
-        sess = self._session(graph)
-        feed = {"x": self.x}
-        return lambda: sess.run(None, feed)
 
 
 def int8_ceiling(seconds: float = 0.3) -> float:

@@ -124,55 +124,40 @@ def _nonnegative_int(text: str) -> int:
     return v
 
 
+_OPTIONS: tuple[tuple[str, Any, str], ...] = (
+    ("batch", int, "samples per batch"),
+    ("tables", int, "embedding tables = sparse features"),
+    ("rows", int, "rows per table"),
+    ("dim", int, "embedding dimension, also the bottom MLP's output"),
+    ("pooling", int, "mean lookups per bag; lengths uniform in 1..2*P-1"),
+    ("batches", int, "distinct batches in the synthetic click log"),
+    ("seconds", float, "timing budget per model in seconds"),
+    ("rounds", int, "alternating float/int8 timing rounds"),
+    ("topk", int, "k of the per-batch top-k ranking agreement"),
+)
+"""The main job's positive numeric options: ``(name, type, help)``; defaults in DEFAULTS."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the main job's options to the top-level parser of ``python -m qgemm``."""
     d = DEFAULTS
     g = parser.add_argument_group("main job (DLRM inference, float32 vs int8)")
-    g.add_argument(
-        "--batch",
-        type=_positive(int),
-        default=d["batch"],
-        help=f"samples per batch (default {d['batch']})",
-    )
-    g.add_argument(
-        "--tables",
-        type=_positive(int),
-        default=d["tables"],
-        help=f"embedding tables = sparse features (default {d['tables']})",
-    )
-    g.add_argument(
-        "--rows",
-        type=_positive(int),
-        default=d["rows"],
-        help=f"rows per table (default {d['rows']:,})",
-    )
-    g.add_argument(
-        "--dim",
-        type=_positive(int),
-        default=d["dim"],
-        help=f"embedding dimension, also the bottom MLP's output (default {d['dim']})",
-    )
-    g.add_argument(
-        "--pooling",
-        type=_positive(int),
-        default=d["pooling"],
-        help=f"mean lookups per bag; lengths uniform in 1..2*P-1 (default {d['pooling']})",
-    )
-    g.add_argument(
-        "--bottom",
-        type=_sizes,
-        default=_sizes(d["bottom"]),
-        metavar="SIZES",
-        help=f"dense features and hidden sizes of the bottom MLP; its output is "
-        f"--dim (default {d['bottom']})",
-    )
-    g.add_argument(
-        "--top",
-        type=_sizes,
-        default=_sizes(d["top"]),
-        metavar="SIZES",
-        help=f"top MLP output sizes; its input is dim + n(n-1)/2 (default {d['top']})",
-    )
+    for name, kind, text in _OPTIONS:
+        shown = f"{d[name]:,}" if isinstance(d[name], int) else d[name]
+        g.add_argument(
+            f"--{name}", type=_positive(kind), default=d[name], help=f"{text} (default {shown})"
+        )
+    for name, text in (
+        ("bottom", "dense features and hidden sizes of the bottom MLP; its output is --dim"),
+        ("top", "top MLP output sizes; its input is dim + n(n-1)/2"),
+    ):
+        g.add_argument(
+            f"--{name}",
+            type=_sizes,
+            default=_sizes(d[name]),
+            metavar="SIZES",
+            help=f"{text} (default {d[name]})",
+        )
     g.add_argument(
         "--bits",
         type=int,
@@ -186,30 +171,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive(int),
         default=None,
         help="threads for qgemm's kernels and (OpenBLAS) numpy's matmuls (default: all cores)",
-    )
-    g.add_argument(
-        "--batches",
-        type=_positive(int),
-        default=d["batches"],
-        help=f"distinct batches in the synthetic click log (default {d['batches']})",
-    )
-    g.add_argument(
-        "--seconds",
-        type=_positive(float),
-        default=d["seconds"],
-        help=f"timing budget per model in seconds (default {d['seconds']})",
-    )
-    g.add_argument(
-        "--rounds",
-        type=_positive(int),
-        default=d["rounds"],
-        help=f"alternating float/int8 timing rounds (default {d['rounds']})",
-    )
-    g.add_argument(
-        "--topk",
-        type=_positive(int),
-        default=d["topk"],
-        help=f"k of the per-batch top-k ranking agreement (default {d['topk']})",
     )
     g.add_argument(
         "--seed",
