@@ -22,6 +22,9 @@ A family may register a *generic* builder (``kernel_family(name, generic=build_g
 generic_key=reduce)``, or an entry of :data:`GENERIC_PROVIDERS`): ``build_generic(key)``
 returns a kernel with the call signature of ``build(key)`` and bit-identical results, compiled
 for few keys (``generic_key(key)``; shape-agnostic, ``cache=True``), so it is quick to build.
+It may be any callable: the GEMM, packing and quantization families' generic tiers are numpy
+(:mod:`qgemm._kernels.gemm_generic`, :mod:`qgemm._kernels.quantize_generic`), so a first
+``pack_weight`` / ``linear`` / ``quantize`` in a fresh process compiles nothing.
 
 * ``eager``: ``get_kernel`` builds the specialised kernel before returning (the old behaviour).
 * ``tiered`` (default): a miss whose specialised kernel is not known to be in the disk cache
@@ -69,6 +72,12 @@ __all__ = [
 
 GENERIC_PROVIDERS: dict[str, str] = {
     "gemm": "qgemm._kernels.gemm_generic:generic_gemm_kernel",
+    "gemm_pack": "qgemm._kernels.quantize_generic:generic_pack_kernel",
+    "choose_qparams": "qgemm._kernels.quantize_generic:generic_choose_qparams_kernel",
+    "quantize": "qgemm._kernels.quantize_generic:generic_quantize_kernel",
+    "dequantize": "qgemm._kernels.quantize_generic:generic_dequantize_kernel",
+    "rowwise_minmax": "qgemm._kernels.quantize_generic:generic_rowwise_minmax_kernel",
+    "rowwise_codes": "qgemm._kernels.quantize_generic:generic_rowwise_codes_kernel",
 }
 """Family -> ``"module:attribute"`` of a generic builder registered from outside the family's
 own module (imported on the first tiered miss).  The attribute is a function ``key -> kernel``
@@ -285,19 +294,23 @@ def _finish_background(
     _tiers.bump_epoch()
 
 
+def _has_generic(fam: _Family) -> bool:
+    return fam.generic is not None or fam.name in GENERIC_PROVIDERS
+
+
 def get_kernel(family: str, key: Hashable) -> Callable:
     """The kernel of ``family`` for signature ``key``, built on first use (see the tiers)."""
     fam = _families.get(family)
     if fam is None:
         raise KeyError(f"family: no kernel family named {family!r}; known: {sorted(_families)}")
     kern = fam.kernels.get(key)  # lock-free fast path (dict reads are atomic)
-    if kern is not None:
+    if kern is not None and not (_tiers._state["mode"] == "generic" and _has_generic(fam)):
         # Counted without the lock: the hot path stays ~0.1 us.  Under heavy concurrent use an
         # increment can be lost, so hits are a lower bound; misses and builds are exact.
         fam.hits += 1
         return kern
     mode = _tiers.get_jit_mode()
-    if mode != "eager" and (fam.generic is not None or family in GENERIC_PROVIDERS):
+    if mode != "eager" and _has_generic(fam):
         if mode == "generic":
             kern = _get_generic(fam, key)
             fam.hits += 1

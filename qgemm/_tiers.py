@@ -76,6 +76,8 @@ def set_jit_mode(mode: str) -> str:
         raise ValueError(f"mode: expected one of {JIT_MODES}, got {mode!r}")
     old = _state["mode"]
     _state["mode"] = mode
+    if mode != old:  # kernels memoised by callers (plans of packed weights) are looked up again
+        bump_epoch()
     return old
 
 

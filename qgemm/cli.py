@@ -3,7 +3,8 @@
 ``python -m qgemm warmup [--ops ...]``.
 
 The main job (no sub-command) is the DLRM-style int8 inference demo of
-:mod:`qgemm.bench.main_job`; the suites of ``bench`` are listed in :data:`qgemm.bench.SUITES`.
+:mod:`qgemm.bench.main_job` (``--phases``: start-up, kernel builds per family and run seconds
+on stderr); the suites of ``bench`` are listed in :data:`qgemm.bench.SUITES`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import platform
 import sys
+import time
 from typing import Any
 
 from .bench import SUITES
@@ -226,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(the on-disk kernel cache) and 'warmup' (compile ahead of time).",
     )
     main_job.add_arguments(parser)
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="main job: print on stderr the seconds of start-up (python + import qgemm), of "
+        "the kernels compiled or loaded (per family) and of the run",
+    )
     sub = parser.add_subparsers(dest="command")
     p_info = sub.add_parser("info", help="versions, CPU features, ISA path, threads, cache")
     p_info.add_argument("--json", action="store_true", help="print one JSON document")
@@ -262,7 +270,73 @@ def _measure_specialised() -> None:
         _cache.set_jit_mode("eager")
 
 
+def _process_age() -> float | None:
+    """Seconds since this process started (Linux ``/proc``), or None where unknown."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime, in ticks
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def _kernel_counts() -> dict[str, tuple[float, int]]:
+    """``family -> (seconds, kernels)`` built or loaded so far in this process."""
+    from . import _cache
+
+    return {
+        name: (f.compile_seconds + f.generic_seconds, len(f.build_seconds) + len(f.generic_keys))
+        for name, f in _cache.cache_info().families.items()
+    }
+
+
+def phase_times(
+    startup: float | None,
+    run_seconds: float,
+    before: dict[str, tuple[float, int]] | None = None,
+) -> dict[str, Any]:
+    """The phases of a main-job run: ``startup`` (process start to the command line's entry:
+    python, ``import qgemm``), ``kernels`` (seconds this process spent building or loading
+    kernels since the snapshot ``before`` of :func:`_kernel_counts`, per family, as
+    :func:`qgemm.cache_info` counts them), ``run`` (the rest of the ``run_seconds`` the job
+    took) and ``total``."""
+    before = before or {}
+    fams = {}
+    for name, (sec, n) in _kernel_counts().items():
+        sec0, n0 = before.get(name, (0.0, 0))
+        if n > n0 or sec > sec0:
+            fams[name] = {"seconds": sec - sec0, "keys": n - n0}
+    fams = dict(sorted(fams.items(), key=lambda kv: -kv[1]["seconds"]))
+    kernels = sum(f["seconds"] for f in fams.values())
+    return {
+        "startup": startup,
+        "kernels": kernels,
+        "families": fams,
+        "run": max(run_seconds - kernels, 0.0),
+        "total": (startup or 0.0) + run_seconds,
+    }
+
+
+def _print_phases(ph: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"phases": ph}), file=sys.stderr)
+        return
+    start = "?" if ph["startup"] is None else f"{ph['startup']:.2f} s"
+    print(
+        f"phases   start-up (python + import qgemm) {start} | kernels compiled or loaded "
+        f"{ph['kernels']:.2f} s | run {ph['run']:.2f} s | total {ph['total']:.2f} s",
+        file=sys.stderr,
+    )
+    fams = ", ".join(
+        f"{n} {f['seconds']:.2f} s ({f['keys']} key{'s' if f['keys'] != 1 else ''})"
+        for n, f in ph["families"].items()
+    )
+    print(f"kernels  {fams or '-'}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    startup = _process_age() if argv is None else None  # (None: called in-process)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in (None, "bench"):
@@ -277,7 +351,12 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_warmup(args)
     from .bench import main_job
 
-    return main_job.run(args)
+    before = _kernel_counts()
+    t0 = time.perf_counter()
+    code = main_job.run(args)
+    if args.phases:
+        _print_phases(phase_times(startup, time.perf_counter() - t0, before), args.json)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

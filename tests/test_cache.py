@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -243,10 +244,29 @@ from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 
+@contextlib.contextmanager
+def _forced(mode):
+    """JIT ``mode``; for ``"generic"`` the specialised kernels built so far are hidden too
+    (``get_kernel`` hands out a built specialised kernel in any mode)."""
+    old = _cache.set_jit_mode(mode)
+    hidden = {}
+    if mode == "generic":
+        for name, fam in _cache._families.items():
+            if fam.generic is not None or name in _cache.GENERIC_PROVIDERS:
+                hidden[name], fam.kernels = fam.kernels, {}
+    try:
+        yield
+    finally:
+        for name, kernels in hidden.items():
+            fam = _cache._families[name]
+            kernels.update(fam.kernels)
+            fam.kernels = kernels
+        _cache.set_jit_mode(old)
+
+
 def _gemm_all_kinds(rng, m, n, k, saturate, mode):
     """Every GEMM output kind through the public API with kernels of ``mode``."""
-    old = _cache.set_jit_mode(mode)
-    try:
+    with _forced(mode):
         w = rng.standard_normal((n, k)).astype(np.float32) if n and k else np.zeros((n, k), "f4")
         w = np.ascontiguousarray(w)
         x = (rng.standard_normal((m, k)) * 3).astype(np.float32)
@@ -262,8 +282,6 @@ def _gemm_all_kinds(rng, m, n, k, saturate, mode):
             ),
             "raw": qgemm.matmul_u8s8(xq, pw, saturate=saturate),
         }
-    finally:
-        _cache.set_jit_mode(old)
 
 
 def QParams_like(qp):
@@ -294,12 +312,9 @@ def test_gemm_generic_raw_matches_numpy_reference():
     rng = np.random.default_rng(3)
     w = rng.integers(-128, 128, (9, 37)).astype(np.int8)
     a = rng.integers(0, 256, (4, 37)).astype(np.uint8)
-    old = _cache.set_jit_mode("generic")
-    try:
+    with _forced("generic"):
         got = qgemm.matmul_u8s8(a, np.ascontiguousarray(w.T))
         got_sat = qgemm.matmul_u8s8(a, np.ascontiguousarray(w.T), saturate=True)
-    finally:
-        _cache.set_jit_mode(old)
     np.testing.assert_array_equal(got, _reference_raw(a, w))
     # saturating: int16 pairs (a0*w0 + a1*w1) clamped, as FBGEMM's AVX2 vpmaddubsw
     pairs = a[:, None, :].astype(np.int64) * w[None, :, :].astype(np.int64)

@@ -133,6 +133,44 @@ def test_in_process_json(capsys):
     assert captured.err == ""  # --no-progress: nothing on stderr
 
 
+def test_phases_on_stderr(capsys):
+    """--phases: start-up, kernels per family (what this run built or loaded, as cache_info
+    counts them) and run, on stderr; stdout stays the report / one JSON document."""
+    import qgemm
+
+    qgemm.cache_clear()  # this process's counters start at zero: every kernel is a miss again
+    code = cli.main([*TINY, "--json", "--no-progress", "--phases"])
+    assert code == 0
+    captured = capsys.readouterr()
+    json.loads(captured.out)  # still exactly one document on stdout
+    ph = json.loads(captured.err.strip().splitlines()[-1])["phases"]
+    assert ph["startup"] is None  # called in-process: no start-up phase of its own
+    fams = ph["families"]
+    assert {"gemm", "embedding_bags", "dlrm_interaction"} <= set(fams)
+    assert all(f["keys"] >= 1 and f["seconds"] >= 0 for f in fams.values())
+    assert ph["kernels"] == pytest.approx(sum(f["seconds"] for f in fams.values()))
+    assert ph["run"] >= 0 and ph["total"] >= ph["kernels"] + ph["run"] - 1e-9
+    ci = qgemm.cache_info().families
+    for name, f in fams.items():  # after cache_clear: exactly this run's counters
+        assert f["seconds"] == pytest.approx(ci[name].compile_seconds + ci[name].generic_seconds)
+        assert f["keys"] == len(ci[name].build_seconds) + len(ci[name].generic_keys)
+    assert set(fams) == {n for n, f in ci.items() if f.build_seconds or f.generic_keys}
+
+    code = cli.main([*TINY, "--no-progress", "--phases", "--batches", "2"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "phases   start-up" in err and "kernels compiled or loaded 0.00 s" in err
+    assert err.splitlines()[-1] == "kernels  -"  # all built by the first run: nothing new
+
+
+def test_phases_subprocess_startup():
+    out = run_cli(*TINY, "--no-progress", "--phases", "--batches", "2")
+    assert out.returncode == 0, out.stderr
+    line = next(ln for ln in out.stderr.splitlines() if ln.startswith("phases"))
+    start = float(line.split("import qgemm)")[1].split("s |")[0])
+    assert 0 < start < 120  # the age of the process when the command line was entered
+
+
 def test_too_many_threads(capsys):
     import numba
 

@@ -45,9 +45,10 @@ _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 
 
-@numba.njit(types.uint64(types.uint64), cache=True, nogil=True, inline="always")
+# No eager signature: compiled only when inlined into a kernel that calls it (never at import).
+@numba.njit(nogil=True, inline="always")
 def splitmix64(z):  # pragma: no cover - compiled
-    """One SplitMix64 output for counter ``z`` (Steele, Lea & Flood 2014)."""
+    """One SplitMix64 output for uint64 counter ``z`` (Steele, Lea & Flood 2014)."""
     z = z + _GOLDEN
     z = (z ^ (z >> np.uint64(30))) * _MIX1
     z = (z ^ (z >> np.uint64(27))) * _MIX2
