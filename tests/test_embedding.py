@@ -245,6 +245,57 @@ def test_parallel_path(rng, monkeypatch):
         qgemm.set_num_threads(old)
 
 
+def _table_at(dense, offset_bytes, row_stride=None):
+    """``dense`` copied into a buffer so that its first element sits ``offset_bytes`` past a
+    64-byte boundary (rows ``row_stride`` floats apart: a column slice of a wider table)."""
+    rows, dim = dense.shape
+    stride = dim if row_stride is None else row_stride
+    buf = np.full(rows * stride + 64, np.nan, np.float32)  # NaN around the rows: must not leak
+    start = (-(buf.ctypes.data % 64) % 64 + offset_bytes) // 4
+    view = buf[start : start + rows * stride].reshape(rows, stride)[:, :dim]
+    view[...] = dense
+    assert view.ctypes.data % 64 == offset_bytes
+    return view
+
+
+@pytest.mark.parametrize("offset", [0, 4, 16, 48])
+@pytest.mark.parametrize("dim", [16, 32, 128])  # 128: the AVX2 aligned path spills a vector
+def test_float32_table_alignment(offset, dim, rng):
+    # float32 rows 16 bytes past a vector boundary (numpy's large arrays) take the aligned-load
+    # path (accumulating the lanes before and after each row, dropped at the store); the other
+    # offsets take the split loads.  The buffer's NaNs around the rows must never show up,
+    # including for the first and the last row.
+    dense = rng.standard_normal((40, dim)).astype(np.float32)
+    idx = np.concatenate([[0, 39, 39, 0], rng.integers(0, 40, 60)])
+    offsets = np.array([0, 1, 2, 2, 30, 63])
+    w = rng.standard_normal(idx.size).astype(np.float32)
+    for stride in (None, dim + 8, dim + 1):  # contiguous, spaced by a vector, by one float
+        table = _table_at(dense, offset, stride)
+        for mode in ("sum", "mean", "max"):
+            got = embedding_bag(table, idx, offsets, mode=mode, padding_idx=5)
+            check(got, dense, idx, offsets, mode=mode, padding_idx=5)
+        got = embedding_bag(table, idx, offsets, per_sample_weights=w)
+        check(got, dense, idx, offsets, weights=w)
+        out = np.empty((offsets.size, dim), np.float32)
+        embedding_bag(table, idx, offsets, mode="max", out=out)  # validated before the loop
+        check(out, dense, idx, offsets, mode="max")
+
+
+@given(
+    rows=st.integers(1, 9),
+    lens=st.lists(st.integers(0, 5), max_size=6),
+    offset=st.sampled_from([0, 16]),
+    seed=st.integers(0, 2**16),
+)
+def test_float32_alignment_property(rows, lens, offset, seed):
+    rng = np.random.default_rng(seed)
+    dense = rng.standard_normal((rows, 32)).astype(np.float32)
+    table = _table_at(dense, offset)
+    idx = rng.integers(0, rows, sum(lens))
+    offsets = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64) if lens else idx[:0]
+    check(embedding_bag(table, idx, offsets), dense, idx, offsets)
+
+
 # ------------------------------------------------------------------------- layouts and out
 
 

@@ -38,7 +38,12 @@ turned into exceptions by the wrapper.
 Rows are read straight from the table (the quantized ones are dequantized on the fly, never
 materialised), with the float32/float16 scale and bias fetched by unaligned loads; the row
 ``PREFETCH`` indices ahead is prefetched (``llvm.prefetch``, one line per 64 bytes), as FBGEMM
-does.  Accumulation is in float32 (a float16 table is widened on load).  For quantized rows the
+does, plus the line holding the row's last byte (rows need not start on a line).  float32
+rows that all start 16 bytes past a vector boundary -- numpy's large arrays, whose data sits
+16 bytes past a page -- are read with aligned vector loads from 16 bytes before the row (the
+accumulator carries the extra lanes, dropped when the bag is stored): a split load per two
+vectors less; the choice is made per call from the table's address (:func:`address_mod`).
+Accumulation is in float32 (a float16 table is widened on load).  For quantized rows the
 sum mode accumulates ``code * scale`` and adds the sum of the biases once per bag (one vector
 operation per row less than ``code * scale + bias``); 4/2-bit rows are accumulated as code
 planes (all low nibbles, then all high nibbles) so that each update is one contiguous vector
@@ -64,12 +69,14 @@ from numba.np.arrayobj import populate_array
 
 from .._cache import kernel_family
 from .._config import fastmath_flags
+from .._tuning import EMBEDDING_ALIGNED_LOADS as ALIGNED_LOADS
 from .._tuning import EMBEDDING_PREFETCH as PREFETCH
 from .._tuning import EMBEDDING_PREFETCH_ALL_LINES as PREFETCH_ALL_LINES
 from .._tuning import EMBEDDING_PREFETCH_TAIL as PREFETCH_TAIL
 from .embedding_ir import (
     OP_IDS,
     SRC_IDS,
+    address_mod,
     fmax,
     half_to_float,
     load_f16,
@@ -79,6 +86,7 @@ from .embedding_ir import (
     stack_array,
     vec_row,
     vec_store_row,
+    vec_store_shifted,
 )
 
 __all__ = [
@@ -112,6 +120,15 @@ ERRORS = {
 }
 
 _CACHE_LINE = 64
+_TABLE_OFFSET = 16
+"""Bytes past a line boundary where a large numpy array starts (glibc's mmap chunk header:
+``np.empty((1 << 20, 64), np.float32).ctypes.data % 64 == 16``): the offset the aligned-load
+path of float32 tables handles."""
+_SHIFT_MAX_VECTORS = {32: 17, 64: 30}
+"""Most accumulator vectors (by vector bytes) of the aligned-load path; wider rows take the
+split loads.  AVX2 allows 17 (dim 128: one accumulator more than the 16 ymm, spilled to the
+stack): measured 1.08-1.10x torch against 1.02-1.06x for the split loads on 1M x 128, one
+thread, same run -- the loop waits on memory, an L1 spill is cheap next to a split line."""
 
 
 @intrinsic
@@ -264,9 +281,26 @@ def embedding_bag_kernel(key):
     PF_ALL = PREFETCH_ALL_LINES
     HAS_PF = PF > 0
     LINE = _CACHE_LINE
-    # The tail line is the last full line already when float rows fill whole lines (the usual
-    # dims; numpy's large tables start on a line): one redundant prefetch per row less.
-    PF_TAIL = PREFETCH_TAIL and (QUANT or NEED % LINE != 0)
+    # Rows need not start on a line (numpy's large arrays start 16 bytes past one): then a row
+    # spans one line more than its size suggests, and its last line is prefetched too.
+    PF_TAIL = PREFETCH_TAIL
+    # Aligned loads for float32 rows that all sit _TABLE_OFFSET bytes past a vector boundary
+    # (checked per call): the accumulator covers the row plus the bytes before and after it in
+    # its first and last vector (ACC_SH elements, loaded from SHIFT floats before the row), so
+    # no load straddles two lines; the extra lanes are dropped when the bag is stored.
+    VBYTES = 64 if isa.startswith("avx512") else 32
+    SHIFTABLE = (
+        ALIGNED_LOADS
+        and KIND == "float32"
+        and isa != "portable"
+        and VEC
+        and DIM % 16 == 0
+        and (DIM * 4 + VBYTES) // VBYTES <= _SHIFT_MAX_VECTORS[VBYTES]
+    )
+    SHIFT = _TABLE_OFFSET // 4 if SHIFTABLE else 0
+    ACC_SH = DIM + VBYTES // 4 if SHIFTABLE else max(ACC, 1)
+    ACC_ALLOC = max(ACC, ACC_SH)
+    SH_BYTES = _TABLE_OFFSET if SHIFTABLE else 0
     loop = prange if parallel else range
     sig = signature(key)
     fastmath = fastmath_flags()
@@ -284,6 +318,9 @@ def embedding_bag_kernel(key):
             cb = dim
             need = dim * ITEM
         row_bytes = row_stride * ITEM
+        shifted = False
+        if SHIFTABLE:
+            shifted = row_bytes % VBYTES == 0 and address_mod(table, VBYTES) == SH_BYTES
         # ---- validation: nothing below reads a row or writes out before this passes ----
         n_offs = offs.size
         if BY_LENGTHS:
@@ -336,10 +373,13 @@ def embedding_bag_kernel(key):
             orow = out_row(out, b)
             if VEC:
                 # ---- specialised: vector updates of a register-resident accumulator ----
-                acc = stack_array(ACC)
+                acc = stack_array(ACC_ALLOC)
                 if not MODE_MAX:
-                    for p in range(PER):
-                        vec_row(acc, p * CB, table, 0, ONE, ZERO, 0, False, SRC, OP_ZERO, CB)
+                    if SHIFTABLE and shifted:
+                        vec_row(acc, 0, table, 0, ONE, ZERO, 0, False, SRC, OP_ZERO, ACC_SH)
+                    else:
+                        for p in range(PER):
+                            vec_row(acc, p * CB, table, 0, ONE, ZERO, 0, False, SRC, OP_ZERO, CB)
                 cnt = 0
                 bsum = ZERO  # sum of the (weighted) biases of the rows added (codes)
                 for k in range(s, e):
@@ -379,17 +419,28 @@ def embedding_bag_kernel(key):
                     else:
                         a = w
                         z = ZERO
-                    for p in range(PER):
-                        vec_row(acc, p * CB, table, base, a, z, p * BITS, first, SRC, OP_ROW, CB)
+                    if SHIFTABLE and shifted:
+                        sb = base - SH_BYTES
+                        vec_row(acc, 0, table, sb, a, z, 0, first, SRC, OP_ROW, ACC_SH)
+                    else:
+                        for p in range(PER):
+                            pb = p * BITS
+                            vec_row(acc, p * CB, table, base, a, z, pb, first, SRC, OP_ROW, CB)
                 if MODE_MAX and cnt == 0:
-                    for p in range(PER):
-                        vec_row(acc, p * CB, table, 0, ONE, ZERO, 0, False, SRC, OP_ZERO, CB)
+                    if SHIFTABLE and shifted:
+                        vec_row(acc, 0, table, 0, ONE, ZERO, 0, False, SRC, OP_ZERO, ACC_SH)
+                    else:
+                        for p in range(PER):
+                            vec_row(acc, p * CB, table, 0, ONE, ZERO, 0, False, SRC, OP_ZERO, CB)
                 scale = ONE
                 if MODE_MEAN and cnt > 1:
                     scale = ONE / np.float32(cnt)
                 if MODE_MAX:
                     bsum = ZERO
-                vec_store_row(orow, acc, CB, bsum, scale, PER, CB)
+                if SHIFTABLE and shifted:
+                    vec_store_shifted(orow, acc, bsum, scale, SHIFT, ACC_SH, DIM)
+                else:
+                    vec_store_row(orow, acc, CB, bsum, scale, PER, CB)
                 continue
             # ---- generic dim: scalar loops (accumulating in out, or in code planes) ----
             if QN:

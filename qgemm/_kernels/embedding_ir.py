@@ -20,6 +20,7 @@ from numba.np.arrayobj import populate_array
 __all__ = [
     "OP_IDS",
     "SRC_IDS",
+    "address_mod",
     "fmax",
     "half_to_float",
     "load_f16",
@@ -29,6 +30,7 @@ __all__ = [
     "stack_array",
     "vec_row",
     "vec_store_row",
+    "vec_store_shifted",
     "vector_chunks",
 ]
 
@@ -92,6 +94,20 @@ def prefetch(typingctx, arr, byte_offset):
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
         builder.call(fn, [ptr, i32(0), i32(_PF_LOCALITY), i32(1)])
         return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def address_mod(typingctx, arr, modulus):
+    """The address of ``arr``'s first element modulo ``modulus`` (a power of two), in bytes:
+    how far the data sits past an alignment boundary."""
+    sig = types.intp(arr, types.intp)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        addr = builder.ptrtoint(ary.data, args[1].type)
+        return builder.and_(addr, builder.sub(args[1], ir.Constant(args[1].type, 1)))
 
     return sig, codegen
 
@@ -332,6 +348,68 @@ def vec_store_row(typingctx, out, acc, plane_len, bias, scale, planes, length):
             builder.store(
                 allv, builder.bitcast(optr, ir.VectorType(_F32, total).as_pointer()), align=4
             )
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _concat(builder, vecs):
+    """Concatenate vectors (any widths) in order into one vector."""
+    vecs = list(vecs)
+    while len(vecs) > 1:
+        merged = []
+        for i in range(0, len(vecs) - 1, 2):
+            a, b = vecs[i], vecs[i + 1]
+            wa, wb = a.type.count, b.type.count
+            w = max(wa, wb)
+            if wa < w:  # pad to a common width (padding lanes are never selected)
+                mask = ir.Constant(ir.VectorType(_I32, w), list(range(wa)) + [0] * (w - wa))
+                a = builder.shuffle_vector(a, a, mask)
+            if wb < w:
+                mask = ir.Constant(ir.VectorType(_I32, w), list(range(wb)) + [0] * (w - wb))
+                b = builder.shuffle_vector(b, b, mask)
+            sel = list(range(wa)) + [w + k for k in range(wb)]
+            merged.append(
+                builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, wa + wb), sel))
+            )
+        if len(vecs) % 2:
+            merged.append(vecs[-1])
+        vecs = merged
+    return vecs[0]
+
+
+@intrinsic
+def vec_store_shifted(typingctx, out, acc, bias, scale, shift, acc_len, length):
+    """``vec_store_shifted(out, acc, bias, scale, SHIFT, ACC_LEN, LENGTH)`` (the last three
+    compile-time constants): ``out[j] = (acc[SHIFT + j] + bias) * scale`` for ``j < LENGTH``.
+
+    The store of an accumulator updated by aligned loads that start ``SHIFT`` elements before
+    the row (:func:`vec_row` over ``ACC_LEN`` elements at ``byte_off - 4 * SHIFT``): ``acc`` is
+    read in the chunks :func:`vec_row` uses (so it stays in registers) and shifted by one
+    shuffle, once per bag."""
+    sh_v, acc_v, len_v = _literal(shift), _literal(acc_len), _literal(length)
+    if sh_v is None or acc_v is None or len_v is None:
+        return None
+    sh, na, n = int(sh_v), int(acc_v), int(len_v)
+    if sh + n > na:
+        return None
+    sig = types.void(out, acc, types.float32, types.float32, shift, acc_len, length)
+
+    def codegen(context, builder, signature, args):
+        out_a = context.make_array(signature.args[0])(context, builder, args[0])
+        acc_a = context.make_array(signature.args[1])(context, builder, args[1])
+        parts = []
+        for off, w in vector_chunks(na):
+            vf = ir.VectorType(_F32, w)
+            ptr = builder.gep(acc_a.data, [ir.Constant(ir.IntType(64), off)])
+            parts.append(builder.load(builder.bitcast(ptr, vf.as_pointer()), align=4))
+        allv = _concat(builder, parts)
+        sel = ir.Constant(ir.VectorType(_I32, n), list(range(sh, sh + n)))
+        res = builder.shuffle_vector(allv, allv, sel)
+        res = builder.fadd(res, _splat(builder, args[2], n))
+        res = builder.fmul(res, _splat(builder, args[3], n))
+        optr = builder.bitcast(out_a.data, ir.VectorType(_F32, n).as_pointer())
+        builder.store(res, optr, align=4)
         return context.get_dummy_value()
 
     return sig, codegen
