@@ -27,9 +27,17 @@ import cloudpickle  # noqa: E402  (a dependency of distributed)
 
 import qgemm  # noqa: E402
 import qgemm.distributed as qd  # noqa: E402
-from qgemm.distributed._common import worker_table  # noqa: E402
+from qgemm._kernels import averaging as _kavg  # noqa: E402
+from qgemm.distributed._common import (  # noqa: E402
+    DROPPED_ENVIRON,
+    local_cluster,
+    outgoing_bytes,
+    worker_table,
+)
+from qgemm.distributed._predict import ClusterScorer  # noqa: E402
 from qgemm.models import DLRM  # noqa: E402
 from tests.reference import ref_average, ref_embedding_bag  # noqa: E402
+from tests.test_distributed_units import tree_models  # noqa: E402
 
 # workers unpickle this module's functions by value: they need not import the tests package
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -41,9 +49,8 @@ T = 60  # seconds: every .result() in this file
 def client():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cluster = distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        )
+        # qgemm's own LocalCluster: the worker environment of the bench and the main job
+        cluster = local_cluster(2, threads_per_worker=1)
     c = distributed.Client(cluster)
     try:
         yield c
@@ -187,6 +194,65 @@ def test_average_bad_input(client):
         qd.average([good], [1, 2], client=client)
     with pytest.raises(ValueError, match="int_policy"):
         qd.average([good], client=client, int_policy="mean")
+
+
+def _worker_env():
+    import qgemm as q
+    from qgemm.distributed._common import prepare_worker
+
+    prepare_worker()
+    return {k: os.environ.get(k) for k in (*DROPPED_ENVIRON, "QGEMM_NUM_THREADS")}, (
+        q.get_num_threads()
+    )
+
+
+def test_local_cluster_environ(client):
+    # glibc defaults (as in the in-process baseline) and one kernel thread per worker thread
+    for env, threads in client.run(_worker_env).values():
+        assert all(env[k] is None for k in DROPPED_ENVIRON)
+        assert env["QGEMM_NUM_THREADS"] == "1" and threads == 1
+
+
+def wire_bound(models, ws, got, want):
+    """|got - want| <= 2**-23 * sum(w |x|) / sum(w) + 1 float32 ulp of want: one float32
+    rounding of a partial's sums (relative 2**-24) per wire crossing, plus the result's."""
+    wsum = sum(ws)
+    mag = sum(w * np.abs(m["w"].astype(np.float64)) for m, w in zip(models, ws, strict=True))
+    tol = 2.0**-23 * mag / wsum + np.spacing(np.abs(want["w"]).astype(np.float32))
+    assert np.all(np.abs(got["w"].astype(np.float64) - want["w"]) <= tol)
+
+
+def test_average_wire_float32(client):
+    a0, a1 = addrs(client)
+    size = 3 * _kavg.MULTI_MIN + 5  # the multi kernel on the workers, odd length
+    models = tree_models(4, size, 11)
+    placement = [a0, a1, a0, a1]
+    futs = [scatter1(client, m, a) for m, a in zip(models, placement, strict=True)]
+    ws = [1.0, 2.0, 3.0, 0.5]
+    want = ref_average(models, ws)
+    moved = {}
+    for wire in ("float64", "float32"):
+        before = outgoing_bytes(client)
+        got = qd.average(futs, ws, client=client, wire=wire)
+        distributed.wait(got, timeout=T)
+        after = outgoing_bytes(client)
+        moved[wire] = sum(after.values()) - sum(before.values())
+        got = got.result(timeout=T)
+        assert got["w"].dtype == np.float32
+        np.testing.assert_array_equal(got["steps"], want["steps"])
+        np.testing.assert_allclose(got["d"], want["d"], rtol=4 * np.finfo(np.float64).eps)
+        if wire == "float64":
+            assert_tree_close(got, want)
+        else:
+            wire_bound(models, ws, got, want)
+    # one partial crossed between the workers: float32 sums are half the bytes
+    assert moved["float64"] >= 8 * size and moved["float32"] < 0.6 * moved["float64"]
+    # all weight on one worker's models: the receiving side had none (its partial empty)
+    ws0 = [0.0, 2.0, 0.0, 0.5]
+    got = qd.average(futs, ws0, client=client, wire="float32").result(timeout=T)
+    wire_bound(models, ws0, got, ref_average(models, ws0))
+    with pytest.raises(ValueError, match="wire"):
+        qd.average(futs, ws, client=client, wire="float16")
 
 
 # ------------------------------------------------------------------------------ training
@@ -592,3 +658,22 @@ def test_run_main_job_inference(client, dlrm):
     (r,) = res["results"]
     assert r["workers"] == 2 and r["samples"] == 64 and r["samples_per_s"] > 0
     assert r["max_abs_diff"] == 0.0
+
+
+def test_cluster_scorer(client, dlrm):
+    m, _ = dlrm
+    q = m.quantize()
+    reqs = [q.random_inputs(n, pooling=3, seed=s) for s, n in enumerate((5, 1, 8))]
+    scorer = ClusterScorer(client, q, reqs)
+    try:
+        # one partition per worker thread, each on its own worker, holding its requests
+        assert sorted(a for a, _ in scorer.parts) == addrs(client)
+        for a, f in scorer.parts:
+            assert client.who_has([f])[f.key] == (a,)
+        seconds, preds = scorer.run()
+        assert seconds > 0
+        np.testing.assert_array_equal(
+            np.concatenate(preds), np.concatenate([q.predict(*r) for r in reqs])
+        )
+    finally:
+        scorer.close()

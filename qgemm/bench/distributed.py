@@ -26,10 +26,19 @@ N_PARAMS = 50_000_000
 
 
 def _make_model(n_params: int, seed: int) -> dict:
+    """A model made where it runs (on its worker: never shipped from the client); random
+    values, so nothing in the path can profit from compressible or zero pages."""
+    rng = np.random.default_rng(seed)
     return {
-        "emb": np.full(n_params - 1000, np.float32(seed + 1), np.float32),
-        "mlp": np.full(1000, np.float32(seed), np.float32),
+        "emb": rng.random(n_params - 1000, dtype=np.float32),
+        "mlp": rng.random(1000, dtype=np.float32),
     }
+
+
+def _wait(fut: Any) -> None:
+    from distributed import wait
+
+    wait(fut)
 
 
 def _rss(dask_worker: Any = None) -> int:
@@ -60,10 +69,9 @@ def _average_table(client: Any, quick: bool) -> Table:
 
     import qgemm
     import qgemm.distributed as qd
+    from qgemm.distributed._common import warm_workers, worker_table
 
     n_params = N_PARAMS // 10 if quick else N_PARAMS
-    from qgemm.distributed._common import worker_table
-
     addrs = sorted(worker_table(client))
     futs = [
         client.submit(_make_model, n_params, i, workers=[addrs[i % 2]], pure=False)
@@ -73,35 +81,50 @@ def _average_table(client: Any, quick: bool) -> Table:
     ws = [float(i + 1) for i in range(N_MODELS)]
     base = client.run(_rss)
 
-    def dist() -> None:
+    def dist(wire: str = "float64") -> None:  # done when the average is on its worker
+        _wait(qd.average(futs, ws, client=client, wire=wire))
+
+    def dist_fetch() -> None:  # ... and brought to the client
         qd.average(futs, ws, client=client).result()
 
-    t_dist = median_time(dist, min_time=0.0, repeat=3)
+    dist()  # warm-up: every worker compiles (or loads) its averaging kernels ...
+    dist("float32")
+    warm_workers(client)  # ... and has the specialised ones built: steady state
+    t_dist = median_time(dist, min_time=0.0, repeat=5)
     after = client.run(_rss)
+    t_f32 = median_time(partial(dist, "float32"), min_time=0.0, repeat=5)
+    t_fetch = median_time(dist_fetch, min_time=0.0, repeat=3)
     for f in futs:
         f.release()
     models = [_make_model(n_params, i) for i in range(N_MODELS)]
-    t_local = median_time(lambda: qgemm.average(models, ws), min_time=0.0, repeat=3)
+    qgemm.average(models, ws)  # warm-up, as for the workers
+    qgemm.wait_ready()
+    t_local = median_time(lambda: qgemm.average(models, ws), min_time=0.0, repeat=5)
     one = n_params * 4
     mem = ", ".join(f"{a.rsplit(':', 1)[-1]}: +{(after[a] - base[a]) / one:.2f}" for a in after)
     return Table(
         title=f"Distributed average, {N_MODELS} x {n_params / 1e6:.0f}M float32 on 2 workers",
         columns=["impl", "s", "x vs in-process"],
         rows=[
-            ["qgemm.average (1 process)", t_local, 1.0],
-            ["qgemm.distributed.average", t_dist, t_local / t_dist],
+            [f"qgemm.average (1 process, {qgemm.get_num_threads()} threads)", t_local, 1.0],
+            ["qgemm.distributed.average (result on a worker)", t_dist, t_local / t_dist],
+            ["  ... and .result() to the client", t_fetch, t_local / t_fetch],
+            ['qgemm.distributed.average(wire="float32")', t_f32, t_local / t_f32],
         ],
         notes=[
-            "target: distributed within 2x of in-process (x vs in-process >= 0.5)",
+            "target: distributed within 2x of in-process (x vs in-process >= 0.5); both "
+            "warmed up, models already in memory where they are averaged; medians",
+            "the reduction's floor here is moving one float64 partial (8 bytes per parameter, "
+            '4 with wire="float32") over TCP between the workers, on the same 2 cores',
             f"worker RSS growth after the reduction, in models (2 models held per worker "
             f"+ the partial/result): {mem}",
         ],
     )
 
 
-def _inference_table(quick: bool) -> Table:
+def _inference_table(client: Any, quick: bool) -> Table:
     import qgemm
-    import qgemm.distributed as qd
+    from qgemm.distributed._predict import ClusterScorer
     from qgemm.models import DLRM
 
     rows = 20_000 if quick else 200_000
@@ -109,29 +132,39 @@ def _inference_table(quick: bool) -> Table:
         tables=8, rows=rows, dim=64, bottom=(13, 256, 64), top=(256, 1), seed=0
     ).quantize()
     reqs = [model.random_inputs(128, pooling=20, seed=s) for s in range(16 if quick else 64)]
-    res = qd.run_main_job_inference(model, reqs, workers=[2], repeat=3)["results"][0]
+    samples = sum(r[0].shape[0] for r in reqs)
+    scorer = ClusterScorer(client, model, reqs)  # partitions on the workers, kernels built
     prev = qgemm.get_num_threads()
     qgemm.set_num_threads(2)
+    t_local = t_dist = float("inf")
     try:
         for r in reqs[:2]:
             model.predict(*r)
-        t0 = time.perf_counter()
-        for r in reqs:
-            model.predict(*r)
-        t_local = time.perf_counter() - t0
+        qgemm.wait_ready()  # steady state, as the workers (warm_workers)
+        # interleaved passes (the box is shared: load hits both sides alike); fastest counts
+        for _ in range(5):
+            t0 = time.perf_counter()
+            local_preds = [model.predict(*r) for r in reqs]
+            t_local = min(t_local, time.perf_counter() - t0)
+            t, preds = scorer.run()
+            t_dist = min(t_dist, t)
     finally:
         qgemm.set_num_threads(prev)
-    local = sum(r[0].shape[0] for r in reqs) / t_local
+        scorer.close()
+    diff = float(np.max(np.abs(np.concatenate(preds) - np.concatenate(local_preds))))
+    local, dist = samples / t_local, samples / t_dist
     return Table(
         title="Batch inference, int8 DLRM, batch 128",
         columns=["impl", "samples/s", "x vs 1 process"],
         rows=[
             ["1 process, 2 threads", local, 1.0],
-            ["2 workers x 1 thread", res["samples_per_s"], res["samples_per_s"] / local],
+            ["2 workers x 1 thread", dist, dist / local],
         ],
         notes=[
-            "target: 2 workers >= 0.8x one 2-thread process",
-            f"max |cluster - local| prediction: {res['max_abs_diff']:.1e}",
+            "target: 2 workers >= 0.8x one 2-thread process; both warmed up (kernels "
+            "built), fastest of 5 interleaved passes, the requests already where they are "
+            "scored (one partition per worker), predictions collected",
+            f"max |cluster - local| prediction: {diff:.1e}",
         ],
     )
 
@@ -171,14 +204,14 @@ def run(*, quick: bool = False, progress: Any = None) -> list[Table]:
     """The distributed tables for ``python -m qgemm bench``."""
     import warnings
 
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    from ..distributed._common import local_cluster
 
     tables = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cluster = LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        )
+        cluster = local_cluster(2, threads_per_worker=1)
     with cluster, Client(cluster) as client:
         tables.append(_average_table(client, quick))
         if progress is not None:
@@ -186,7 +219,7 @@ def run(*, quick: bool = False, progress: Any = None) -> list[Table]:
         tables.append(_training_table(client, quick))
         if progress is not None:
             progress.step("decentralised training")
-    tables.append(_inference_table(quick))
-    if progress is not None:
-        progress.step("distributed inference")
+        tables.append(_inference_table(client, quick))
+        if progress is not None:
+            progress.step("distributed inference")
     return tables

@@ -5,7 +5,7 @@ The arithmetic is the engine-agnostic reduction core of :mod:`qgemm.training.red
 every model's partial is made on the worker that holds the model, partials are folded on
 their worker first, then combined pairwise across workers (each combine on the worker of its
 left input, so only one partial crosses the network per combine), and ``finish`` runs where
-the last partial is.  The client sees futures only.
+the last partial is, fused into the last combine (one task).  The client sees futures only.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from .._validate import check_choice
 from ..averaging import INT_POLICIES
-from ._common import RESULT_TIMEOUT, check_weights, get_client
+from ._common import RESULT_TIMEOUT, check_weights, get_client, prepare_worker
 
-__all__ = ["average", "average_tree"]
+__all__ = ["average", "average_tree", "WIRES"]
 
 
 def _reduction() -> Any:
@@ -26,25 +28,156 @@ def _reduction() -> Any:
     return reduction
 
 
+def _register_sizeof() -> None:
+    """Teach Dask the size of a :class:`~qgemm.training.reduction.Partial`: without it
+    Dask's ``sizeof`` falls back to ``sys.getsizeof`` (56 bytes), so its memory accounting,
+    its scheduling and the transfer counters behind ``bytes_moved`` would not see the
+    float64 sums.  Registered wherever this module is imported (the client, and every
+    worker that runs one of its tasks)."""
+    from dask.sizeof import sizeof
+
+    @sizeof.register(_reduction().Partial)
+    def _sizeof_partial(p: Any) -> int:
+        return int(p.nbytes()) + 256
+
+
+_register_sizeof()
+
+
+WIRES = ("float64", "float32")
+"""How a partial crosses the network: ``"float64"`` (exact float64 sums) or ``"float32"``
+(the sums of float32/float16/quantized leaves rounded to float32: half the bytes)."""
+
+
+def _compact(p: Any) -> Any:
+    """``p`` with the float64 sums of its float32/float16/quantized leaves rounded to
+    float32 (in place; float64 leaves and integer state untouched)."""
+    for i, info in enumerate(p.spec.leaves):
+        st = p.acc[i]
+        if (
+            info.kind in ("float", "rowwise", "packed")
+            and info.dtype != np.float64
+            and st is not None
+            and st.dtype == np.float64
+        ):
+            p.acc[i] = st.astype(np.float32)
+    return p
+
+
+def _expand(p: Any) -> Any:
+    """Undo :func:`_compact` (float64 sums again), for a partial that is combined into."""
+    p.acc = [
+        st.astype(np.float64) if isinstance(st, np.ndarray) and st.dtype == np.float32 else st
+        for st in p.acc
+    ]
+    return p
+
+
 def _fold_local(
-    weights: Sequence[float], wheres: Sequence[str], int_policy: str, *models: Any
+    weights: Sequence[float],
+    wheres: Sequence[str],
+    int_policy: str,
+    compact: bool,
+    *models: Any,
 ) -> Any:
-    """One worker's models folded into one partial (``Partial.fold``: one float64
-    accumulator, no temporary partial per model)."""
+    """One worker's models folded into one partial; ``compact``: rounded for the wire.
+
+    Large float32/float64 leaves of two or more models take one pass over all of them (the
+    ``multi`` kernel of :func:`qgemm.average`'s in-memory path with ``total=1``: the same
+    float64 operations in the same order as ``init`` + ``add``, so the same sums, read
+    once, written once -- straight to float32 when ``compact``); the other leaves fold
+    model by model (``Partial`` leaf steps: integer policies, quantized leaves)."""
+    prepare_worker()
     red = _reduction()
-    acc = red.partial(models[0], weights[0], int_policy=int_policy, where=wheres[0])
-    for w, where, m in zip(weights[1:], wheres[1:], models[1:], strict=True):
-        acc.fold(m, w, where=where)
-    return acc
+    ws = [float(w) for w in weights]
+    if len(models) == 1:
+        acc = red.partial(models[0], ws[0], int_policy=int_policy, where=wheres[0])
+        return _compact(acc) if compact else acc
+    from .._kernels import averaging as _k
+    from ..training._tree import _flat_float
+
+    acc = red.Partial(int_policy=int_policy, where=wheres[0])
+    leaves = [acc._leaves_of(m, where) for m, where in zip(models, wheres, strict=True)]
+    pos = [j for j, w in enumerate(ws) if w > 0]
+    if not pos:
+        return acc  # structure checked, nothing folded in (count 0)
+    spec = acc.spec
+    assert spec is not None
+    totals = np.cumsum([ws[j] for j in pos]).tolist()
+    for i, info in enumerate(spec.leaves):
+        size = int(np.prod(info.shape, dtype=np.int64))
+        if (
+            info.kind == "float"
+            and info.dtype in (np.float32, np.float64)
+            and 2 <= len(pos) <= _k.MULTI_MAX
+            and size >= _k.MULTI_MIN
+        ):
+            xs = tuple(_flat_float(leaves[j][i], info) for j in pos)
+            low = compact and info.dtype == np.float32
+            out = np.empty(size, np.float32 if low else np.float64)
+            wv = np.array([ws[j] for j in pos], np.float64)
+            _k.run("multi", xs, wv, 1.0, out, out_dtype=out.dtype.name)
+            acc.acc[i] = out
+            continue
+        for idx, j in enumerate(pos):
+            acc._leaf_update(i, leaves[j][i], ws[j], totals[idx], idx == 0, wheres[j])
+    acc.total_weight, acc.count = totals[-1], len(pos)
+    return _compact(acc) if compact else acc
 
 
-def _combine(where: str, a: Any, b: Any) -> Any:
-    # in place: ``a`` is an intermediate released once this task has run
-    return _reduction().combine(a, b, where=where, inplace=True)
+def _combine_into(where: str, a: Any, b: Any) -> Any:
+    # in place: ``a`` is an intermediate released once this task has run; a partial that
+    # takes ``b``'s sums as its own (``a`` had no weight) must hold float64 sums
+    red = _reduction()
+    if a.count == 0:
+        b = _expand(b)
+    elif any(isinstance(st, np.ndarray) and st.dtype == np.float32 for st in a.acc):
+        a = _expand(a)
+    return red.combine(a, b, where=where, inplace=True)
+
+
+def _combine(where: str, compact: bool, a: Any, b: Any) -> Any:
+    prepare_worker()
+    out = _combine_into(where, a, b)
+    return _compact(out) if compact else out
 
 
 def _finish(p: Any) -> dict:
+    prepare_worker()
+    return _reduction().finish(_expand(p), consume=True)
+
+
+def _combine_finish(where: str, compact: bool, a: Any, b: Any) -> dict:
+    """The last combine and ``finish`` in one task: one scheduler round trip fewer, and the
+    combined partial never stored as a task result of its own."""
+    prepare_worker()
+    return _reduction().finish(_combine_into(where, a, b), consume=True)
+
+
+def _fold_finish(
+    weights: Sequence[float], wheres: Sequence[str], int_policy: str, compact: bool, *models: Any
+) -> dict:
+    """Every model on one worker: fold and ``finish`` in one task."""
+    p = _fold_local(weights, wheres, int_policy, False, *models)
     return _reduction().finish(p, consume=True)
+
+
+def _shipped(n: int) -> list[bool]:
+    """Per node of the pairwise tree over ``n`` groups (the ``n`` folds, then the combines
+    in the order :func:`average_tree` makes them): is its result sent to another worker
+    (the right input of a combine)?"""
+    ids = list(range(n))
+    ship = [False] * max(n, 1)
+    while len(ids) > 1:
+        nxt = []
+        for j in range(0, len(ids) - 1, 2):
+            ship[ids[j + 1]] = True
+            nxt.append(len(ship))
+            ship.append(False)
+        if len(ids) % 2:
+            nxt.append(ids[-1])
+        ids = nxt
+    return ship
 
 
 def average_tree(
@@ -53,11 +186,20 @@ def average_tree(
     weights: Sequence[float],
     wheres: Sequence[str],
     int_policy: str,
+    *,
+    finish: bool = False,
+    wire: str = "float64",
 ) -> Any:
-    """The partial of ``models`` (futures) as a future, reduced where they live."""
+    """``(address, future)``: the partial of ``models`` (futures) reduced where they live,
+    or with ``finish`` the averaged parameter set (the last step fused with ``finish``).
+
+    Every task is submitted at once (the whole tree is one graph: no client round trip
+    between levels).  ``wire="float32"``: every partial that crosses the network is
+    rounded first (:data:`WIRES`)."""
     from distributed import wait
 
-    wait(list(models), timeout=RESULT_TIMEOUT)
+    if not all(f.done() for f in models):
+        wait(list(models), timeout=RESULT_TIMEOUT)
     who = client.who_has(list(models))
     groups: dict[str, list[int]] = {}
     for i, f in enumerate(models):
@@ -67,13 +209,22 @@ def average_tree(
         if not addrs:
             raise ValueError(f"{wheres[i]}: the model's data is on no worker (lost or released)")
         groups.setdefault(addrs[0], []).append(i)
+    ship = _shipped(len(groups)) if wire == "float32" else None
+    node = 0
+
+    def compact() -> bool:
+        nonlocal node
+        node += 1
+        return ship is not None and ship[node - 1]
+
     level: list[tuple[str, Any, str]] = []
     for addr, idx in groups.items():
         fut = client.submit(
-            _fold_local,
+            _fold_finish if finish and len(groups) == 1 else _fold_local,
             [weights[i] for i in idx],
             [wheres[i] for i in idx],
             int_policy,
+            compact(),
             *[models[i] for i in idx],
             workers=[addr],
             allow_other_workers=False,
@@ -84,9 +235,11 @@ def average_tree(
         nxt: list[tuple[str, Any, str]] = []
         for j in range(0, len(level) - 1, 2):
             (addr_a, a, label_a), (_, b, label_b) = level[j], level[j + 1]
+            last = len(level) == 2
             fut = client.submit(
-                _combine,
+                _combine_finish if finish and last else _combine,
                 f"the partial from {label_b}",
+                compact(),
                 a,
                 b,
                 workers=[addr_a],
@@ -106,6 +259,7 @@ def average(
     *,
     client: Any = None,
     int_policy: str = "max",
+    wire: str = "float64",
 ) -> Any:
     """Weighted average of parameter sets that live on Dask workers, computed there.
 
@@ -120,6 +274,15 @@ def average(
         Default: the futures' client.
     int_policy : {"max", "first", "sum", "round"}
         Integer buffers, as in :func:`qgemm.average`.
+    wire : {"float64", "float32"}
+        How a partial crosses the network.  ``"float64"`` (default): the exact float64 sums
+        (8 bytes per parameter).  ``"float32"``: the sums of float32, float16 and quantized
+        leaves are rounded to float32 before they leave their worker (4 bytes per
+        parameter: half the transfer, which dominates the reduction's time); float64
+        leaves and integers are unchanged.  Each rounding adds at most ``2**-24`` times
+        the weighted sum of ``|x|`` of the models in that partial, divided by the total
+        weight, to a leaf's error (results may then differ from ``qgemm.average`` by an
+        ulp or so).
 
     Returns
     -------
@@ -138,6 +301,7 @@ def average(
     from distributed import Future
 
     check_choice("int_policy", int_policy, INT_POLICIES)
+    check_choice("wire", wire, WIRES)
     if not isinstance(models, Sequence) or isinstance(models, (str, bytes)):
         raise TypeError(f"models: expected a sequence of futures, got {type(models).__name__}")
     if len(models) == 0:
@@ -150,7 +314,13 @@ def average(
             )
     ws = check_weights(weights, len(models))
     client = get_client(client, models)
-    addr, fut = average_tree(
-        client, list(models), ws, [f"models[{i}]" for i in range(len(models))], int_policy
+    _, fut = average_tree(
+        client,
+        list(models),
+        ws,
+        [f"models[{i}]" for i in range(len(models))],
+        int_policy,
+        finish=True,
+        wire=wire,
     )
-    return client.submit(_finish, fut, workers=[addr], allow_other_workers=False, pure=False)
+    return fut

@@ -7,11 +7,104 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["get_client", "worker_table", "resolve_worker", "outgoing_bytes", "holder"]
+__all__ = [
+    "get_client",
+    "worker_table",
+    "resolve_worker",
+    "outgoing_bytes",
+    "holder",
+    "worker_environ",
+    "local_cluster",
+    "prepare_worker",
+    "warm_workers",
+]
 
 RESULT_TIMEOUT = 300.0
 """Seconds any blocking wait of qgemm.distributed gives the cluster before raising
 ``TimeoutError`` (never hang on a lost worker)."""
+
+
+DROPPED_ENVIRON = ("MALLOC_TRIM_THRESHOLD_",)
+"""Variables of Dask's ``distributed.nanny.pre-spawn-environ`` that qgemm's worker processes
+do without.  Dask sets ``MALLOC_TRIM_THRESHOLD_=65536``; that freezes glibc's mmap threshold at
+128 KiB (every temporary above it -- a DLRM layer's activations at batch 128 -- is mmapped,
+page-faulted and unmapped per call) and returns freed heap to the OS at once (the averaging
+kernels' per-block float64 buffers are faulted in again per block).  Measured (Zen 3, 2 cores,
+interleaved runs, medians): the inference bench's 16 batches on 1 thread 20-24 ms without it,
+38-57 ms with it; folding two 5M-float32 models with the ``multi`` kernel 33 ms without,
+109 ms with.  Without it a worker allocates exactly as the in-process baseline does (glibc's
+defaults, as in any Python process)."""
+
+
+def worker_environ(threads_per_worker: int = 1) -> dict[str, Any]:
+    """The environment of worker processes started by qgemm (:func:`local_cluster`): Dask's
+    own ``distributed.nanny.pre-spawn-environ`` without :data:`DROPPED_ENVIRON`, plus
+    ``QGEMM_NUM_THREADS`` = the worker's thread count (qgemm's kernels use the cores the
+    worker was given, never all of them next to the other workers).
+
+    For workers started by hand, the same: ``QGEMM_NUM_THREADS=<nthreads> dask worker ...``
+    with ``distributed.nanny.pre-spawn-environ`` not setting ``MALLOC_TRIM_THRESHOLD_``."""
+    import dask
+
+    env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
+    for k in DROPPED_ENVIRON:
+        env.pop(k, None)
+    env["QGEMM_NUM_THREADS"] = int(threads_per_worker)
+    return env
+
+
+def local_cluster(n_workers: int, threads_per_worker: int = 1, **kwargs: Any) -> Any:
+    """A ``distributed.LocalCluster`` of worker processes with :func:`worker_environ`
+    (no dashboard unless asked for)."""
+    import dask
+    from distributed import LocalCluster
+
+    kwargs.setdefault("dashboard_address", None)
+    kwargs.setdefault("processes", True)
+    with dask.config.set(
+        {"distributed.nanny.pre-spawn-environ": worker_environ(threads_per_worker)}
+    ):
+        return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, **kwargs)
+
+
+_PREPARED: list[int] = []
+
+
+def prepare_worker() -> None:
+    """In a Dask worker process, run qgemm's kernels on the worker's own thread count (once
+    per process): a worker with ``threads_per_worker=1`` must not start a parallel region on
+    every core next to the other workers.  Every task of qgemm.distributed calls it first."""
+    if _PREPARED:
+        return
+    import multiprocessing
+
+    if multiprocessing.parent_process() is None:
+        # not a worker process of its own (a threaded worker inside the client's process,
+        # or ``dask worker --no-nanny``): leave the hosting process's thread count alone
+        return
+    try:
+        from distributed import get_worker
+
+        n = int(get_worker().state.nthreads)
+    except (ImportError, ValueError, AttributeError):
+        return
+    from .._config import set_num_threads
+
+    set_num_threads(max(1, n))
+    _PREPARED.append(n)
+
+
+def _wait_ready(timeout: float) -> bool:
+    from .._cache import wait_ready
+
+    prepare_worker()
+    return bool(wait_ready(timeout))
+
+
+def warm_workers(client: Any, timeout: float = RESULT_TIMEOUT) -> None:
+    """Wait on every worker until the specialised kernels its warm-up queued are built
+    (``qgemm.wait_ready``): timings after this measure the steady state, not compilation."""
+    client.run(_wait_ready, timeout)
 
 
 def get_client(client: Any = None, futures: Sequence[Any] = ()) -> Any:

@@ -11,35 +11,26 @@ from typing import Any
 import numpy as np
 
 from ..models import DLRM
-from ._common import RESULT_TIMEOUT, get_client, worker_table
+from ._common import (
+    RESULT_TIMEOUT,
+    get_client,
+    local_cluster,
+    prepare_worker,
+    warm_workers,
+    worker_table,
+)
 
-__all__ = ["predict", "run_main_job_inference", "use_worker_threads"]
+__all__ = [
+    "predict",
+    "run_main_job_inference",
+    "use_worker_threads",
+    "ClusterScorer",
+    "partition_ranges",
+]
 
-_THREADS_SET: list[int] = []
-
-
-def use_worker_threads() -> None:
-    """In a Dask worker process, run qgemm's kernels on the worker's own thread count (once
-    per process): a worker with ``threads_per_worker=1`` must not start a parallel region on
-    every core next to the other workers."""
-    if _THREADS_SET:
-        return
-    import multiprocessing
-
-    if multiprocessing.parent_process() is None:
-        # not a worker process of its own (a threaded worker inside the client's process,
-        # or ``dask worker --no-nanny``): leave the hosting process's thread count alone
-        return
-    try:
-        from distributed import get_worker
-
-        n = int(get_worker().state.nthreads)
-    except (ImportError, ValueError, AttributeError):
-        return
-    from .._config import set_num_threads
-
-    set_num_threads(max(1, n))
-    _THREADS_SET.append(n)
+use_worker_threads = prepare_worker
+"""Alias of :func:`qgemm.distributed._common.prepare_worker` (what every scoring task calls
+first)."""
 
 
 def _own(a: Any, dtype: Any = None) -> np.ndarray:
@@ -187,44 +178,110 @@ def predict(
     )
 
 
-def _score_batch(model: DLRM, batch: tuple) -> int:
-    use_worker_threads()
-    dense, indices, offsets = batch
-    indices, offsets = _own_bags(indices, offsets)
-    model.predict(_own(dense, np.float32), indices, offsets)
-    return int(dense.shape[0])
+def _score_batches(model: DLRM, batches: Sequence[tuple]) -> np.ndarray:
+    """One partition of requests scored on its worker: the predictions, concatenated."""
+    prepare_worker()
+    out = []
+    for dense, indices, offsets in batches:
+        idx, off = _own_bags(indices, offsets)
+        out.append(model.predict(_own(dense, np.float32), idx, off))
+    if not out:
+        return np.empty((0, model.top_sizes[-1]), np.float32)
+    return np.concatenate(out, axis=0)
+
+
+def partition_ranges(n: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ``(start, stop)`` ranges covering ``range(n)``, sizes differing
+    by at most one (the first ``n % parts`` one longer); empty ranges when ``parts > n``."""
+    if parts < 1:
+        raise ValueError(f"parts: expected an int >= 1, got {parts}")
+    q, r = divmod(n, parts)
+    out = []
+    lo = 0
+    for j in range(parts):
+        hi = lo + q + (j < r)
+        out.append((lo, hi))
+        lo = hi
+    return out
+
+
+class ClusterScorer:
+    """Scores a fixed list of requests on ``client``'s workers in the steady state, the data
+    already there (what :func:`run_main_job_inference` times; the bench interleaves its
+    passes with in-process ones).
+
+    Set-up (untimed): the requests are split into one contiguous partition per worker
+    thread, each scattered to its worker (a click log lives on the cluster: it is not
+    shipped from the client in the timed region); the model is broadcast once; every worker
+    scores one batch and builds its specialised kernels (:func:`warm_workers`).  A pass
+    (:meth:`run`) is one task per partition, pinned to the worker holding it (no transfers;
+    one task per partition, not per batch: Dask's per-task cost is about that of scoring a
+    batch of 128), and ends when every partition's predictions are back on the client."""
+
+    def __init__(self, client: Any, model: DLRM, requests: Sequence[tuple]) -> None:
+        from distributed import wait
+
+        self.client, self.model, self.requests = client, model, requests
+        table = worker_table(client)
+        self.workers = len(table)
+        slots = [a for a in sorted(table) for _ in range(max(1, int(table[a].get("nthreads", 1))))]
+        self.model_f = client.scatter(_shippable(model), broadcast=True, hash=False)
+        self.parts = []
+        ranges = partition_ranges(len(requests), len(slots))
+        for addr, (lo, hi) in zip(slots, ranges, strict=True):
+            if hi > lo:
+                chunk = list(requests[lo:hi])
+                self.parts.append((addr, client.scatter([chunk], workers=[addr], hash=False)[0]))
+        wait([f for _, f in self.parts], timeout=RESULT_TIMEOUT)
+        first = client.scatter([[requests[0]]], broadcast=True, hash=False)[0]
+        warm = [
+            client.submit(_score_batches, self.model_f, first, workers=[a], pure=False)
+            for a in table
+        ]
+        wait(warm, timeout=RESULT_TIMEOUT)
+        warm_workers(client)
+
+    def run(self) -> tuple[float, list[np.ndarray]]:
+        """One timed pass: ``(seconds, predictions per partition)``."""
+        t0 = time.perf_counter()
+        futs = [
+            self.client.submit(
+                _score_batches, self.model_f, f, workers=[a], allow_other_workers=False, pure=False
+            )
+            for a, f in self.parts
+        ]
+        preds = self.client.gather(futs)
+        return time.perf_counter() - t0, preds
+
+    def close(self) -> None:
+        """Release the model and the partitions on the workers."""
+        for _, f in self.parts:
+            f.release()
+        self.model_f.release()
+        self.parts = []
 
 
 def _measure(client: Any, model: DLRM, requests: Sequence[tuple], repeat: int) -> dict:
-    from distributed import wait
-
-    n_workers = len(worker_table(client))
-    model_f = client.scatter(_shippable(model), broadcast=True, hash=False)
-    reqs = client.scatter(list(requests), hash=False)  # spread over the workers
-    wait(reqs, timeout=RESULT_TIMEOUT)
-    # warm-up: every worker compiles (or loads) its kernels before the clock starts
-    warm = [
-        client.submit(_score_batch, model_f, reqs[0], workers=[a], pure=False)
-        for a in worker_table(client)
-    ]
-    wait(warm, timeout=RESULT_TIMEOUT)
-    best = float("inf")
-    samples = 0
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        futs = [client.submit(_score_batch, model_f, r, pure=False) for r in reqs]
-        samples = sum(client.gather(futs))
-        best = min(best, time.perf_counter() - t0)
-    first = client.submit(_score, model_f, requests[0][0], requests[0][1:], pure=False)
-    got = first.result(timeout=RESULT_TIMEOUT)
+    scorer = ClusterScorer(client, model, requests)
+    try:
+        best = float("inf")
+        samples = 0
+        got = None
+        for _ in range(repeat):
+            t, preds = scorer.run()
+            best = min(best, t)
+            samples = sum(int(p.shape[0]) for p in preds)
+            got = preds[0][: requests[0][0].shape[0]]
+    finally:
+        scorer.close()
     want = model.predict(*requests[0])
     return {
-        "workers": n_workers,
+        "workers": scorer.workers,
         "batches": len(requests),
         "samples": samples,
         "seconds": best,
         "samples_per_s": samples / best if best > 0 else float("inf"),
-        "max_abs_diff": float(np.max(np.abs(got - want))) if got.size else 0.0,
+        "max_abs_diff": float(np.max(np.abs(got - want))) if got is not None and got.size else 0.0,
     }
 
 
@@ -258,7 +315,7 @@ def run_main_job_inference(
         "seconds", "samples_per_s", "max_abs_diff"}, ...]}`` (``max_abs_diff``: the cluster's
         predictions of the first batch against ``model.predict`` here; 0 when identical).
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if not isinstance(model, DLRM):
         raise TypeError(f"model: expected a qgemm.DLRM, got {type(model).__name__}")
@@ -274,11 +331,6 @@ def run_main_job_inference(
     for j, n in enumerate(counts):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"workers[{j}]: expected a worker count >= 1, got {n!r}")
-        with (
-            LocalCluster(
-                n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None
-            ) as cluster,
-            Client(cluster) as client,
-        ):
+        with local_cluster(n, threads_per_worker=1) as cluster, Client(cluster) as client:
             results.append(_measure(client, model, requests, repeat))
     return {"scheduler": None, "results": results}
