@@ -8,6 +8,8 @@
   row-wise for a table too big for one worker).
 - :func:`predict`: batch inference over a dask array or data frame, model broadcast once.
 - :func:`run_main_job_inference`: the main job's throughput per worker count.
+- :func:`local_cluster` / :func:`worker_environ`: a ``LocalCluster`` (or the environment for
+  workers started by hand) with qgemm's thread count and glibc's default heap trimming.
 
 Importing :mod:`qgemm` never imports this package (nor Dask); this package imports qgemm.
 Install with ``pip install 'qgemm[distributed]'``.
@@ -23,6 +25,7 @@ except ImportError as e:  # pragma: no cover - exercised without dask installed
     ) from e
 
 from ._average import average
+from ._common import local_cluster, worker_environ
 from ._predict import predict, run_main_job_inference
 from ._sharded import ShardedDLRM, row_ranges, shard_contents
 from ._training import Site, SiteLostWarning, train_decentralized
@@ -37,4 +40,6 @@ __all__ = [
     "shard_contents",
     "predict",
     "run_main_job_inference",
+    "local_cluster",
+    "worker_environ",
 ]
