@@ -4,7 +4,10 @@
 A packed weight holds the codes in panels (:mod:`qgemm._kernels.gemm`'s layout, panel width
 from :func:`qgemm._isa.panel_width`: the same on every ISA path) and the weight half of the
 GEMM's output stage (:class:`qgemm._kernels.output_stage.OutputStage`): per-column zero points,
-column sums for the zero-point correction and scales, made once here.
+column sums for the zero-point correction and scales, made once here -- and what a weight
+memoises per call for :mod:`qgemm.gemm`: the plan of each call shape (``_plan``: kernels, task
+split) and the last call's output stage (``_stage``); the fast-path entries (``gemm._Fast``)
+sit on the weight too.
 """
 
 from __future__ import annotations
@@ -13,16 +16,22 @@ from typing import Any, Literal, overload
 
 import numpy as np
 
+from . import _config, _tiers
 from ._half import HalfPackedWeight, pack_weight_half
 from ._isa import panel_width
-from ._kernels.gemm import pack_kernel
-from ._kernels.output_stage import PAD
+from ._kernels.gemm import gemm_kernel, pack_kernel
+from ._kernels.output_stage import PAD, OutputStage
+from ._tuning import GEMM_PARALLEL_MIN_MACS, GEMM_PROBE_MIN
 from ._validate import as_array, check_choice, check_finite, check_int
 from .quantize import QParams, choose_qparams, quantize
 
 __all__ = ["PackedWeight", "pack_weight"]
 
 _INT32_MAX = 2**31 - 1
+_INT16_MAX = 32767
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_ONE = np.float32(1.0)
+_ZERO = np.int32(0)
 _GRANULARITIES = ("tensor", "channel", "group")
 
 
@@ -81,6 +90,8 @@ class PackedWeight:
         "_smax",
         "_plans",
         "_stage_memo",
+        "_fast_dyn",
+        "_fast_static",
         "__weakref__",
     )
 
@@ -116,10 +127,13 @@ class PackedWeight:
         self._has_bzp = bool(np.any(zp))
         self._plans: dict = {}  # call plans (kernels, task split) per call shape
         self._stage_memo: tuple | None = None  # the last call's OutputStage (see gemm._stage)
+        self._fast_dyn: dict = {}  # replayable calls per input shape (see gemm._Fast)
+        self._fast_static: dict = {}
         self._zi = np.zeros(n, np.int32)
         self._zf = np.zeros(n, np.float32)
 
-    _NOT_PICKLED = ("__weakref__", "_plans", "_stage_memo", "scale", "zero_point", "_packed16")
+    _NOT_PICKLED = ("__weakref__", "_plans", "_stage_memo", "_fast_dyn", "_fast_static", "scale",
+                    "zero_point", "_packed16")  # fmt: skip
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled without the per-call caches (compiled kernels, the last output stage);
@@ -139,6 +153,8 @@ class PackedWeight:
         self.zero_point.setflags(write=False)
         self._plans = {}
         self._stage_memo = None
+        self._fast_dyn = {}
+        self._fast_static = {}
         self._packed16 = None
 
     def _wide(self) -> np.ndarray:
@@ -369,6 +385,147 @@ def pack_weight(
             f"w: reduce_range=True expects codes in [-64, 63], got [{codes.min()}, {codes.max()}]"
         )
     return PackedWeight(codes, qparams)
+
+
+# ------------------------------------------------- per-call memos of a weight (gemm's plan)
+
+
+class _Plan:
+    """How one call shape runs: the kernel(s), the task split and -- when the problem is big
+    enough for threads and ``QGEMM_ADAPTIVE_THREADS=1`` (:func:`qgemm._config.adaptive_threads`)
+    -- a tiny online choice between the parallel kernel and its serial twin.  By default a
+    parallel-eligible call always runs the parallel kernel (deterministic).
+
+    Both twins give bit-identical results.  Calls of a parallel-eligible plan are timed (two
+    ``perf_counter`` reads) and the faster twin so far is used; the other one is re-tried
+    after a back-off (0.25 s, doubling up to 8 s while it keeps losing).  On an idle machine
+    the parallel kernel wins and stays chosen; when another process occupies a core, a
+    fork/join region waits for a descheduled worker (milliseconds per call) and the serial
+    twin takes over until a probe shows the cores are free again.
+    """
+
+    __slots__ = ("ser", "par", "nchunks", "threads", "t_ser", "t_par", "use_par", "next_probe",
+                 "backoff", "head", "seven", "ser_key", "entry")  # fmt: skip
+
+    def __init__(self, ser, par, nchunks, threads, head, seven, ser_key=None):
+        # ser is None for a parallel plan until adaptive threads need its serial twin (built
+        # then from ser_key): with adaptive threads off it is never called, and compiling it
+        # would double the cold compile of a parallel-eligible call.
+        self.ser_key = ser_key
+        # the kernel arguments after (a, M, K) that only depend on the weight and the plan
+        # (b16: the exact variant's int16 weight twin, or the int8 panels, then unread)
+        self.head = head
+        # linear(reduce_range=None) quantizes to 7 bits (the weight could saturate the fast
+        # variant's int16 pairs on this path)
+        self.seven = seven
+        self.ser = ser
+        self.par = par
+        self.nchunks = nchunks
+        self.threads = threads
+        self.t_ser = 0.0  # running estimates (seconds per call); 0: not measured yet
+        self.t_par = 0.0
+        self.use_par = True
+        self.next_probe = 0.0
+        self.backoff = GEMM_PROBE_MIN
+        # (kernel epoch, what the fast path calls): resolved once per epoch (gemm._Fast)
+        self.entry: tuple | None = None
+
+
+def _estimate(old: float, dt: float) -> float:
+    """Running per-call time: follows drops at once, rises halfway per sample."""
+    return dt if old == 0.0 or dt < old else 0.5 * (old + dt)
+
+
+def _plan(kind: str, m: int, weight: PackedWeight, saturate: bool) -> _Plan:
+    """The plan of a call; memoised per weight (the per-call fast path: one dict look-up)."""
+    state = _config._state
+    # the kernel epoch too: after cache_clear, a JIT-mode change or a tiered kernel's swap the
+    # plan looks its kernels up again (a swapped tiered kernel is then called directly)
+    pkey = (kind, m, saturate, state["isa"], state["threads"], _tiers._state["epoch"])
+    plan = weight._plans.get(pkey)
+    if plan is not None:
+        return plan
+    threads = _config.get_num_threads()
+    n, k = weight.shape
+    row = _config.isa_path()
+    fast, exact, tile = row.tile(saturate, weight._np)
+    mr, nv, nr = tile.mr, tile.nv, tile.nr
+    nct = -(-n // nr)
+    parallel = threads > 1 and m * n * k >= GEMM_PARALLEL_MIN_MACS and (nct > 1 or m > mr)
+    nchunks = 1
+    if parallel and nct < 4 * threads:
+        nchunks = -(-4 * threads // max(nct, 1))
+    ser_key = (kind, fast, exact, mr, nv, nr, False)
+    ser = None if parallel and not _config.adaptive_threads() else gemm_kernel(ser_key)
+    par = gemm_kernel((kind, fast, exact, mr, nv, nr, True)) if parallel else None
+    can_saturate = weight._pairmax * 255 > _INT16_MAX
+    b16 = weight._wide() if exact == "avx2w" and can_saturate else weight._packed
+    head = (weight._kg, weight._packed, b16, n, weight._np, weight._pairmax)
+    seven = not saturate and row.int16_pairs and can_saturate
+    plan = _Plan(ser, par, nchunks, threads if parallel else 1, head, seven, ser_key)
+    if len(weight._plans) > 64:
+        weight._plans.clear()
+    weight._plans[pkey] = plan
+    return plan
+
+
+def _stage(
+    weight: PackedWeight,
+    kind: str,
+    x_qparams: QParams | None = None,
+    out_qparams: QParams | None = None,
+    bias: np.ndarray | None = None,
+    relu: bool = False,
+    x_qmax: int = 255,
+) -> OutputStage:
+    """The output stage of one call: the weight half made at pack time, the call half here.
+
+    Memoised per weight on the identity of the call's inputs (the hot path of a layer called
+    again and again is a few ``is`` tests): ``QParams`` are immutable, and the bias array is
+    referenced, not copied -- the kernels read its current values on every call.
+    """
+    memo = weight._stage_memo
+    if (
+        memo is not None
+        and memo[0] is bias
+        and memo[1] is x_qparams
+        and memo[2] is out_qparams
+        and memo[3] is relu
+        and memo[4] == x_qmax
+        and memo[5] == kind
+    ):
+        return memo[6]
+    x_zp, x_scale = (_ZERO, _ONE) if x_qparams is None else (x_qparams.zero_point, x_qparams.scale)
+    if out_qparams is None:
+        o_scale, o_zp, o_qmax = _ONE, _ZERO, 255
+    else:
+        o_scale, o_zp = out_qparams.scale, out_qparams.zero_point
+        o_qmax = 127 if out_qparams.reduce_range else 255
+        if float(x_scale) * weight._smax / float(o_scale) > _FLOAT32_MAX:
+            raise ValueError(
+                "out_qparams: x_scale * w_scale / out_scale overflows float32; "
+                f"got out scale {float(o_scale)}"
+            )
+    int_bias = bias is not None and bias.dtype == np.int32
+    ib = bias if int_bias and bias is not None else weight._zi
+    fb = weight._zf if bias is None or int_bias else bias
+    stage = OutputStage(
+        weight._w_zp,
+        weight._has_bzp,
+        weight._colc,
+        weight._w_scale,
+        x_zp,
+        x_scale,
+        x_qmax,
+        ib,
+        fb,
+        relu,
+        o_scale,
+        o_zp,
+        o_qmax,
+    )
+    weight._stage_memo = (bias, x_qparams, out_qparams, relu, x_qmax, kind, stage)
+    return stage
 
 
 PackedWeight.__module__ = "qgemm.gemm"  # its public home (repr, pickling, docs)

@@ -29,10 +29,12 @@ chosen by :func:`qgemm.get_isa` (``QGEMM_ISA`` / :func:`qgemm.set_isa`); which m
 each path runs is the table in :mod:`qgemm._isa`.
 
 Layout of the code: :class:`PackedWeight` and :func:`pack_weight` live in
-:mod:`qgemm._packing` (re-exported here); the output stage of a call is one
-:class:`qgemm._kernels.output_stage.OutputStage` value, made by ``_stage`` below (memoised per
-weight) and lowered to the microkernels' operands in one place
-(:func:`qgemm._kernels.output_stage.lower`).
+:mod:`qgemm._packing` (re-exported here), with what a weight memoises per call shape: the
+plan (``_plan``: kernels, task split) and the output stage of a call, one
+:class:`qgemm._kernels.output_stage.OutputStage` value (``_stage``), lowered to the
+microkernels' operands in one place (:func:`qgemm._kernels.output_stage.lower`).  A call
+whose inputs need no conversion is replayed on later calls by the fast path here
+(``_Fast``: the kernel's compiled entry point and its prebuilt weight-side arguments).
 
 Limits: ``K <= 65793`` for symmetric weights and ``K <= 33025`` with weight zero points (the
 largest ``K`` whose worst-case dot product fits int32); larger ``K`` raises ``ValueError``.
@@ -45,26 +47,26 @@ from typing import Any
 
 import numpy as np
 
-from . import _config
+from . import _config, _tiers
 from ._half import HalfPackedWeight, linear_half
-from ._kernels.gemm import gemm_kernel
+from ._kernels.gemm import KINDS, _signature, gemm_kernel
 from ._kernels.output_stage import OutputStage
-from ._packing import PackedWeight, pack_weight
-from ._tuning import GEMM_PARALLEL_MIN_MACS, GEMM_PROBE_MAX, GEMM_PROBE_MIN
-from ._validate import as_array, check_finite, check_out
+from ._packing import PackedWeight, _estimate, _Plan, _plan, _stage, pack_weight
+from ._tuning import GEMM_FAST_ENTRIES, GEMM_PROBE_MAX, GEMM_PROBE_MIN
+from ._validate import as_array, check_finite, check_out, compiled_entry
 from .quantize import QParams
 
 __all__ = ["PackedWeight", "pack_weight", "linear", "quantized_linear", "matmul_u8s8"]
 
 _INT32_MAX = 2**31 - 1
-_INT16_MAX = 32767
 _F32: tuple[np.dtype, ...] = (np.dtype(np.float32),)
 _F32_I32 = (np.dtype(np.float32), np.dtype(np.int32))
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _U8: np.dtype = np.dtype(np.uint8)
 _I32: np.dtype = np.dtype(np.int32)
-_ONE = np.float32(1.0)
-_ZERO = np.int32(0)
+_CFG = _config._state  # isa, threads, adaptive_threads (mutated in place by the setters)
+_TIERS = _tiers._state  # epoch: bumped by cache_clear and by every tiered-kernel swap
+_ARGTYPES = {kind: tuple(_signature(kind).args) for kind in KINDS}
+_FAST_MAX = GEMM_FAST_ENTRIES
 
 
 # ------------------------------------------------------------------------------- dispatch
@@ -95,140 +97,6 @@ def _activation_rows(x: np.ndarray, k: int, kg: int) -> np.ndarray:
     buf = np.zeros((x2.shape[0], kg * 4), np.uint8)
     buf[:, :k] = x2
     return buf
-
-
-class _Plan:
-    """How one call shape runs: the kernel(s), the task split and -- when the problem is big
-    enough for threads and ``QGEMM_ADAPTIVE_THREADS=1`` (:func:`qgemm._config.adaptive_threads`)
-    -- a tiny online choice between the parallel kernel and its serial twin.  By default a
-    parallel-eligible call always runs the parallel kernel (deterministic).
-
-    Both twins give bit-identical results.  Calls of a parallel-eligible plan are timed (two
-    ``perf_counter`` reads) and the faster twin so far is used; the other one is re-tried
-    after a back-off (0.25 s, doubling up to 8 s while it keeps losing).  On an idle machine
-    the parallel kernel wins and stays chosen; when another process occupies a core, a
-    fork/join region waits for a descheduled worker (milliseconds per call) and the serial
-    twin takes over until a probe shows the cores are free again.
-    """
-
-    __slots__ = ("ser", "par", "nchunks", "threads", "t_ser", "t_par", "use_par", "next_probe",
-                 "backoff", "head", "seven", "ser_key")  # fmt: skip
-
-    def __init__(self, ser, par, nchunks, threads, head, seven, ser_key=None):
-        # ser is None for a parallel plan until adaptive threads need its serial twin (built
-        # then from ser_key): with adaptive threads off it is never called, and compiling it
-        # would double the cold compile of a parallel-eligible call.
-        self.ser_key = ser_key
-        # the kernel arguments after (a, M, K) that only depend on the weight and the plan
-        # (b16: the exact variant's int16 weight twin, or the int8 panels, then unread)
-        self.head = head
-        # linear(reduce_range=None) quantizes to 7 bits (the weight could saturate the fast
-        # variant's int16 pairs on this path)
-        self.seven = seven
-        self.ser = ser
-        self.par = par
-        self.nchunks = nchunks
-        self.threads = threads
-        self.t_ser = 0.0  # running estimates (seconds per call); 0: not measured yet
-        self.t_par = 0.0
-        self.use_par = True
-        self.next_probe = 0.0
-        self.backoff = GEMM_PROBE_MIN
-
-
-def _estimate(old: float, dt: float) -> float:
-    """Running per-call time: follows drops at once, rises halfway per sample."""
-    return dt if old == 0.0 or dt < old else 0.5 * (old + dt)
-
-
-def _plan(kind: str, m: int, weight: PackedWeight, saturate: bool) -> _Plan:
-    """The plan of a call; memoised per weight (the per-call fast path: one dict look-up)."""
-    state = _config._state
-    pkey = (kind, m, saturate, state["isa"], state["threads"])
-    plan = weight._plans.get(pkey)
-    if plan is not None:
-        return plan
-    threads = _config.get_num_threads()
-    n, k = weight.shape
-    row = _config.isa_path()
-    fast, exact, tile = row.tile(saturate, weight._np)
-    mr, nv, nr = tile.mr, tile.nv, tile.nr
-    nct = -(-n // nr)
-    parallel = threads > 1 and m * n * k >= GEMM_PARALLEL_MIN_MACS and (nct > 1 or m > mr)
-    nchunks = 1
-    if parallel and nct < 4 * threads:
-        nchunks = -(-4 * threads // max(nct, 1))
-    ser_key = (kind, fast, exact, mr, nv, nr, False)
-    ser = None if parallel and not _config.adaptive_threads() else gemm_kernel(ser_key)
-    par = gemm_kernel((kind, fast, exact, mr, nv, nr, True)) if parallel else None
-    can_saturate = weight._pairmax * 255 > _INT16_MAX
-    b16 = weight._wide() if exact == "avx2w" and can_saturate else weight._packed
-    head = (weight._kg, weight._packed, b16, n, weight._np, weight._pairmax)
-    seven = not saturate and row.int16_pairs and can_saturate
-    plan = _Plan(ser, par, nchunks, threads if parallel else 1, head, seven, ser_key)
-    if len(weight._plans) > 64:
-        weight._plans.clear()
-    weight._plans[pkey] = plan
-    return plan
-
-
-def _stage(
-    weight: PackedWeight,
-    kind: str,
-    x_qparams: QParams | None = None,
-    out_qparams: QParams | None = None,
-    bias: np.ndarray | None = None,
-    relu: bool = False,
-    x_qmax: int = 255,
-) -> OutputStage:
-    """The output stage of one call: the weight half made at pack time, the call half here.
-
-    Memoised per weight on the identity of the call's inputs (the hot path of a layer called
-    again and again is a few ``is`` tests): ``QParams`` are immutable, and the bias array is
-    referenced, not copied -- the kernels read its current values on every call.
-    """
-    memo = weight._stage_memo
-    if (
-        memo is not None
-        and memo[0] is bias
-        and memo[1] is x_qparams
-        and memo[2] is out_qparams
-        and memo[3] is relu
-        and memo[4] == x_qmax
-        and memo[5] == kind
-    ):
-        return memo[6]
-    x_zp, x_scale = (_ZERO, _ONE) if x_qparams is None else (x_qparams.zero_point, x_qparams.scale)
-    if out_qparams is None:
-        o_scale, o_zp, o_qmax = _ONE, _ZERO, 255
-    else:
-        o_scale, o_zp = out_qparams.scale, out_qparams.zero_point
-        o_qmax = 127 if out_qparams.reduce_range else 255
-        if float(x_scale) * weight._smax / float(o_scale) > _FLOAT32_MAX:
-            raise ValueError(
-                "out_qparams: x_scale * w_scale / out_scale overflows float32; "
-                f"got out scale {float(o_scale)}"
-            )
-    int_bias = bias is not None and bias.dtype == np.int32
-    ib = bias if int_bias and bias is not None else weight._zi
-    fb = weight._zf if bias is None or int_bias else bias
-    stage = OutputStage(
-        weight._w_zp,
-        weight._has_bzp,
-        weight._colc,
-        weight._w_scale,
-        x_zp,
-        x_scale,
-        x_qmax,
-        ib,
-        fb,
-        relu,
-        o_scale,
-        o_zp,
-        o_qmax,
-    )
-    weight._stage_memo = (bias, x_qparams, out_qparams, relu, x_qmax, kind, stage)
-    return stage
 
 
 def _run(
@@ -340,6 +208,158 @@ def _raise_bias(code: int) -> None:
     raise ValueError(f"bias: expected finite values, got non-finite at index {j}")
 
 
+def _raise_x(code: int, x: np.ndarray) -> None:
+    pos = np.unravel_index(code, x.shape)
+    pos_s = int(pos[0]) if len(pos) == 1 else tuple(int(i) for i in pos)
+    raise ValueError(f"x: expected finite values, got {x[pos]} at index {pos_s}")
+
+
+# ------------------------------------------------------------------- the per-call fast path
+#
+# A layer called again and again with inputs of the same shape and kind pays, on the checked
+# path above, ~5 us of Python (validation, normalisation, plan and stage look-ups, the
+# argument tuple) plus ~1.2 us of Numba's type dispatch over 25 arguments -- more than the
+# arithmetic of a 1 x 128 x 512 GEMM.  The first checked call of a shape leaves a _Fast entry
+# on the weight: the kernel's compiled entry point and every argument that depends only on
+# the weight, the plan and the call's options.  A later call uses it when the same option
+# objects come back (``is``) and the arrays pass the few checks that fix their Numba types;
+# anything else (a new shape, option, bias or ``out`` that needs converting or copying, a
+# changed ISA, thread count or kernel epoch) takes the checked path, which raises the usual
+# errors.  Only inputs the checked path would take as they are ever reach the kernel here.
+
+
+class _Fast:
+    """One memoised call: checked once by the full path, replayed with a few identity tests."""
+
+    __slots__ = ("epoch", "isa", "threads", "bias", "bdt", "bshape", "relu", "rr", "sat",
+                 "xqp", "oqp", "m", "n", "oshape", "odt", "flat", "call", "mid", "par",
+                 "direct")  # fmt: skip
+
+    def __init__(self, plan: _Plan, kind: str, mid: tuple, out: np.ndarray, x_ndim: int,
+                 bias: Any, **opts: Any) -> None:  # fmt: skip
+        self.epoch = _TIERS["epoch"]
+        self.isa = _CFG["isa"]
+        self.threads = _CFG["threads"]
+        self.par = plan.par is not None
+        memo = plan.entry  # resolving the entry point reads Numba's tables: tens of us
+        if memo is None or memo[0] != self.epoch:
+            kern = plan.par if self.par else plan.ser
+            memo = (self.epoch, compiled_entry(kern, _ARGTYPES[kind]))
+            plan.entry = memo
+        self.call = memo[1]
+        self.mid = mid
+        self.m, self.n = mid[0], mid[5]
+        self.oshape, self.odt = out.shape, out.dtype
+        self.flat = x_ndim == 2  # x and out are 2-D already (no reshape)
+        self.bias = bias
+        self.bdt = None if bias is None else bias.dtype
+        self.bshape = (self.n,)
+        self.xqp = self.oqp = self.rr = None
+        self.direct = False
+        for name, value in opts.items():
+            setattr(self, name, value)
+
+
+class _Seen:
+    """A first sighting of a call's options at an input shape (never replayed: epoch -1).  The
+    checked call that sees the same options again makes the entry, so a caller that passes a
+    new bias every time, or inputs that always need converting, pays no entry per call."""
+
+    __slots__ = ("bias", "relu", "rr", "sat", "xqp", "oqp", "epoch")
+
+    def __init__(self, bias: Any, relu: Any, rr: Any, sat: Any, xqp: Any, oqp: Any) -> None:
+        self.bias, self.relu, self.rr, self.sat, self.xqp, self.oqp = bias, relu, rr, sat, xqp, oqp
+        self.epoch = -1
+
+
+def _due(memo: dict, key: tuple, bias: Any, relu: Any, rr: Any, sat: Any, xqp: Any,
+         oqp: Any) -> bool:  # fmt: skip
+    """Whether a checked call with these (replayable) options should make the entry of ``key``
+    now: seen before with the same option objects, and no live entry for them yet."""
+    e = memo.get(key)
+    if (e is None or e.bias is not bias or e.relu is not relu or e.rr is not rr
+            or e.sat is not sat or e.xqp is not xqp or e.oqp is not oqp):  # fmt: skip
+        if len(memo) >= _FAST_MAX:
+            memo.clear()
+        memo[key] = _Seen(bias, relu, rr, sat, xqp, oqp)
+        return False
+    return e.epoch != _TIERS["epoch"] or e.isa != _CFG["isa"] or e.threads != _CFG["threads"]
+
+
+def _replay(e: _Fast, a2: np.ndarray, bias: Any, out: Any) -> Any:
+    """Run entry ``e`` on the 2-D activations ``a2`` (types already checked):
+    ``(code, result)``, or None when the entry is stale or ``bias`` / ``out`` are not exactly
+    as the checked path would take them as they are."""
+    if bias is not None:
+        # (in place, ``bias.dtype = ...`` or ``bias.shape = ...`` could have changed it)
+        if bias.dtype is not e.bdt or bias.shape != e.bshape:
+            return None
+        if not bias.flags.carray:  # C-contiguous, aligned and writeable
+            return None
+    if out is None:
+        out = np.empty(e.oshape, e.odt)
+    else:
+        if type(out) is not np.ndarray or out.dtype is not e.odt or out.shape != e.oshape:
+            return None
+        if not out.flags.carray:
+            return None
+    if e.par:
+        if _CFG["adaptive_threads"]:
+            return None  # adaptive threads time every parallel call: the checked path does
+        _config.sync_threads()
+    if e.flat:
+        return e.call(a2, *e.mid, out), out
+    return e.call(a2, *e.mid, out.reshape(e.m, e.n)), out
+
+
+def _fast_dynamic(x: np.ndarray, weight: PackedWeight, bias: Any, relu: Any, rr: Any,
+                  sat: Any, out: Any) -> np.ndarray | None:  # fmt: skip
+    e = weight._fast_dyn.get(x.shape)
+    if e is None or e.bias is not bias or e.relu is not relu or e.rr is not rr:
+        return None
+    if e.sat is not sat or x.dtype is not _F32[0]:
+        return None
+    if e.epoch != _TIERS["epoch"] or e.isa != _CFG["isa"] or e.threads != _CFG["threads"]:
+        return None  # (a _Seen sighting, or a changed kernel epoch, ISA or thread count)
+    if not x.flags.carray:  # C-contiguous, aligned and writeable
+        return None
+    done = _replay(e, x if e.flat else x.reshape(e.m, -1), bias, out)
+    if done is None:
+        return None
+    code, res = done
+    if code != -1:
+        if code >= 0:
+            _raise_x(code, x)
+        _raise_bias(code)
+    return res
+
+
+def _fast_static(x_q: np.ndarray, x_qparams: Any, weight: PackedWeight, bias: Any, relu: Any,
+                 out_qparams: Any, sat: Any, out: Any) -> np.ndarray | None:  # fmt: skip
+    e = weight._fast_static.get(x_q.shape)
+    if e is None or e.xqp is not x_qparams or e.oqp is not out_qparams or e.bias is not bias:
+        return None
+    if e.relu is not relu or e.sat is not sat or x_q.dtype is not _U8:
+        return None
+    if e.epoch != _TIERS["epoch"] or e.isa != _CFG["isa"] or e.threads != _CFG["threads"]:
+        return None
+    if e.direct and x_q.flags.carray:
+        a2 = x_q if e.flat else x_q.reshape(e.m, -1)
+    else:  # rows padded to whole k-groups, or a view the kernel cannot read in place: a copy
+        a2 = _activation_rows(x_q, e.mid[1], weight._kg)
+    done = _replay(e, a2, bias, out)
+    if done is None:
+        return None
+    if done[0] != -1:
+        _raise_bias(done[0])
+    return done[1]
+
+
+def _mid(plan: _Plan, m: int, k: int, stage: OutputStage) -> tuple:
+    """The kernel arguments between the activations and ``out`` (see ``_run``)."""
+    return (m, k, *plan.head, *stage, plan.nchunks, plan.threads if plan.par else 1)
+
+
 # ------------------------------------------------------------------------------- public API
 
 
@@ -396,6 +416,11 @@ def quantized_linear(
     >>> quantized_linear(xq, QParams(0.5, 128), pw, out_qparams=QParams(0.25, 0))
     array([[0, 6]], dtype=uint8)
     """
+    if type(weight) is PackedWeight and type(x_q) is np.ndarray:
+        res = _fast_static(x_q, x_qparams, weight, bias, relu, out_qparams, saturate, out)
+        if res is not None:
+            return res
+    bias0, relu0, sat0 = bias, relu, saturate  # as passed (a replayed call tests identity)
     weight = _check_weight(weight)
     n, k = weight.shape
     x_q = _input("x_q", x_q, _U8, k)
@@ -427,7 +452,13 @@ def quantized_linear(
         if bias is not None and bias.dtype == np.float32:
             check_finite("bias", bias)
         return out
-    code = _run(kind, a2, m, weight, saturate, stage, tmp)
+    plan = _plan(kind, m, weight, saturate)
+    memo = weight._fast_static
+    if bias is bias0 and _due(memo, x_q.shape, bias, relu0, None, sat0, x_qparams, out_qparams):
+        memo[x_q.shape] = _Fast(plan, kind, _mid(plan, m, k, stage), out, x_q.ndim, bias,
+                                relu=relu0, sat=sat0, xqp=x_qparams, oqp=out_qparams,
+                                direct=(k & 3) == 0)  # fmt: skip
+    code = _run(kind, a2, m, weight, saturate, stage, tmp, plan)
     if code != -1:
         _raise_bias(code)
     return out
@@ -493,6 +524,11 @@ def linear(
                 "reduce_range/saturate: only for an int8 PackedWeight, got a HalfPackedWeight"
             )
         return linear_half(x, weight, bias=bias, relu=relu, out=out)
+    if type(weight) is PackedWeight and type(x) is np.ndarray:
+        res = _fast_dynamic(x, weight, bias, relu, reduce_range, saturate, out)
+        if res is not None:
+            return res
+    bias0, relu0, rr0, sat0 = bias, relu, reduce_range, saturate  # as passed (see _Fast)
     weight = _check_weight(weight, half_ok=True)
     n, k = weight.shape
     x = _input("x", x, _F32[0], k)
@@ -516,11 +552,13 @@ def linear(
     if reduce_range is None:
         reduce_range = plan.seven
     stage = _stage(weight, "dynamic", bias=bias, relu=relu, x_qmax=127 if reduce_range else 255)
+    memo = weight._fast_dyn
+    if bias is bias0 and _due(memo, x.shape, bias, relu0, rr0, sat0, None, None):
+        memo[x.shape] = _Fast(plan, "dynamic", _mid(plan, m, k, stage), out, x.ndim, bias,
+                              relu=relu0, rr=rr0, sat=sat0)  # fmt: skip
     code = _run("dynamic", x2, m, weight, saturate, stage, out.reshape(m, n), plan)
     if code >= 0:
-        pos = np.unravel_index(code, x.shape)
-        pos_s = int(pos[0]) if len(pos) == 1 else tuple(int(i) for i in pos)
-        raise ValueError(f"x: expected finite values, got {x[pos]} at index {pos_s}")
+        _raise_x(code, x)
     if code != -1:
         _raise_bias(code)
     return out
