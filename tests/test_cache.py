@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 import threading
@@ -14,6 +13,7 @@ import pytest
 import qgemm
 from qgemm import _cache
 from qgemm._cache import get_kernel, kernel_family
+from tests._jit import forced_jit_mode
 
 _builds: list = []
 
@@ -244,29 +244,9 @@ from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 
-@contextlib.contextmanager
-def _forced(mode):
-    """JIT ``mode``; for ``"generic"`` the specialised kernels built so far are hidden too
-    (``get_kernel`` hands out a built specialised kernel in any mode)."""
-    old = _cache.set_jit_mode(mode)
-    hidden = {}
-    if mode == "generic":
-        for name, fam in _cache._families.items():
-            if fam.generic is not None or name in _cache.GENERIC_PROVIDERS:
-                hidden[name], fam.kernels = fam.kernels, {}
-    try:
-        yield
-    finally:
-        for name, kernels in hidden.items():
-            fam = _cache._families[name]
-            kernels.update(fam.kernels)
-            fam.kernels = kernels
-        _cache.set_jit_mode(old)
-
-
 def _gemm_all_kinds(rng, m, n, k, saturate, mode):
     """Every GEMM output kind through the public API with kernels of ``mode``."""
-    with _forced(mode):
+    with forced_jit_mode(mode):
         w = rng.standard_normal((n, k)).astype(np.float32) if n and k else np.zeros((n, k), "f4")
         w = np.ascontiguousarray(w)
         x = (rng.standard_normal((m, k)) * 3).astype(np.float32)
@@ -312,7 +292,7 @@ def test_gemm_generic_raw_matches_numpy_reference():
     rng = np.random.default_rng(3)
     w = rng.integers(-128, 128, (9, 37)).astype(np.int8)
     a = rng.integers(0, 256, (4, 37)).astype(np.uint8)
-    with _forced("generic"):
+    with forced_jit_mode("generic"):
         got = qgemm.matmul_u8s8(a, np.ascontiguousarray(w.T))
         got_sat = qgemm.matmul_u8s8(a, np.ascontiguousarray(w.T), saturate=True)
     np.testing.assert_array_equal(got, _reference_raw(a, w))

@@ -11,7 +11,6 @@ checked against a plain numpy reference, and a fresh interpreter with an empty c
 from __future__ import annotations
 
 import ast
-import contextlib
 import json
 import os
 import subprocess
@@ -27,28 +26,9 @@ import qgemm
 from qgemm import _cache
 from qgemm._kernels import gemm_generic, quantize_generic
 from qgemm._kernels.quantize_generic import choose_qparams_np
+from tests._jit import forced_jit_mode
 
 NUMPY_FAMILIES = tuple(sorted(_cache.GENERIC_PROVIDERS))
-
-
-@contextlib.contextmanager
-def _mode(mode):
-    """JIT mode ``mode`` inside; for ``"generic"`` the specialised kernels built so far are
-    hidden too (``get_kernel`` returns a built specialised kernel in any mode)."""
-    old = _cache.set_jit_mode(mode)
-    hidden = {}
-    if mode == "generic":
-        for name, fam in _cache._families.items():
-            if fam.generic is not None or name in _cache.GENERIC_PROVIDERS:
-                hidden[name], fam.kernels = fam.kernels, {}
-    try:
-        yield
-    finally:
-        for name, kernels in hidden.items():
-            fam = _cache._families[name]
-            kernels.update(fam.kernels)
-            fam.kernels = kernels
-        _cache.set_jit_mode(old)
 
 
 def _outcome(fn):
@@ -89,9 +69,9 @@ def both_tiers():
     old = _cache.get_jit_mode()
 
     def run(fn):
-        with _mode("eager"):
+        with forced_jit_mode("eager"):
             spec = _outcome(fn)
-        with _mode("generic"):
+        with forced_jit_mode("generic"):
             gen = _outcome(fn)
         return spec, gen
 
@@ -158,7 +138,7 @@ def test_every_numpy_family_is_served_by_the_generic_tier(both_tiers):
     x = rng.standard_normal((3, 7)).astype(np.float32)
     t = rng.standard_normal((4, 6)).astype(np.float32)
     qgemm.cache_clear()
-    with _mode("generic"):
+    with forced_jit_mode("generic"):
         pw = qgemm.pack_weight(w)
         qp = qgemm.choose_qparams(x)
         qgemm.dequantize(qgemm.quantize(x, qp), qp)
@@ -169,7 +149,7 @@ def test_every_numpy_family_is_served_by_the_generic_tier(both_tiers):
         fam = info.families[name]
         # served by generic kernels only: nothing specialised built, nothing compiled
         assert fam.generic_keys and not fam.keys and fam.compile_seconds == 0.0, (name, fam)
-        with _mode("generic"):
+        with forced_jit_mode("generic"):
             kern = _cache.get_kernel(name, _any_key(name))
         assert _cache.tier_of(kern) == "generic-only" and not hasattr(kern, "py_func"), name
     qgemm.cache_clear()
@@ -205,7 +185,7 @@ def test_choose_qparams_twin_is_bit_identical(lo, hi, q):
     n = len(lo)
     lo64 = np.array(lo, np.float64)
     hi64 = np.array(hi[:n], np.float64)
-    with _mode("eager"):
+    with forced_jit_mode("eager"):
         kern = choose_qparams_kernel(())
     s1, z1 = np.empty(n, np.float32), np.empty(n, np.int32)
     kern(lo64, hi64, q[0], q[1], s1, z1)
@@ -327,7 +307,7 @@ def test_rowwise8_fused_numpy_kernel(rows, dim, pattern, bad, chunk, seed):
     from qgemm._kernels.rowwise_generic import rowwise8_fused_kernel
 
     t = _table(np.random.default_rng(seed), rows, dim, pattern, bad)
-    with _mode("eager"):
+    with forced_jit_mode("eager"):
         spec = rowwise8_fused_kernel(())
     f1 = np.full((rows, dim + 8), 0xAB, np.uint8)
     f2 = f1.copy()
@@ -353,7 +333,7 @@ def test_rowwise_minmax_first_zero_sign():
     np.testing.assert_array_equal(np.signbit(mx), [False, True, True])
     np.testing.assert_array_equal(mn, [0, -1, 0])
     np.testing.assert_array_equal(mx, [1, 0, 0])
-    with _mode("eager"):
+    with forced_jit_mode("eager"):
         spec = rowwise_minmax_kernel(())
     mn2, mx2 = np.empty(3, np.float32), np.empty(3, np.float32)
     assert spec(x, mn2, mx2) == -1
@@ -506,7 +486,7 @@ def test_gemm_generic_raw_against_numpy_reference(m, n, k, kind, saturate, seed)
     a = rng.integers(0, 256, (m, k)).astype(np.uint8)
     if kind == "saturating":
         a |= np.uint8(0x80)
-    with _mode("generic"):
+    with forced_jit_mode("generic"):
         got = qgemm.matmul_u8s8(a, np.ascontiguousarray(w.T), saturate=saturate)
     want = _reference_raw(a, w, saturate)
     assert got.dtype == np.int32
@@ -521,7 +501,7 @@ def test_gemm_generic_saturation_chunks(monkeypatch):
     want = _reference_raw(a, w, True)
     assert (want != _reference_raw(a, w, False)).mean() > 0.5  # most entries saturate
     monkeypatch.setattr(gemm_generic, "_CHUNK_ELEMS", 7)
-    with _mode("generic"):
+    with forced_jit_mode("generic"):
         got = qgemm.matmul_u8s8(a, np.ascontiguousarray(w.T), saturate=True)
     np.testing.assert_array_equal(got, want)
 
