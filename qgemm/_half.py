@@ -34,7 +34,7 @@ import numpy as np
 from . import _config, _tiers
 from ._kernels.gemm_half import GROUP, PANEL, _signature, gemm_half_kernel, tile_shape
 from ._tuning import GEMM_FAST_ENTRIES, HALF_PARALLEL_MIN_MACS
-from ._validate import as_array, check_out, compiled_entry
+from ._validate import as_array, check_out, compiled_entry, replay_out
 
 __all__ = ["HalfPackedWeight", "pack_weight_half", "linear_half"]
 
@@ -294,18 +294,10 @@ def _fast_half(x: np.ndarray, weight: HalfPackedWeight, bias: Any, relu: Any, ou
         s0 = x.strides[-2]
         if s0 < 0 or s0 % 4:
             return None
-    if bias is not None:
-        if bias.dtype is not e.bdt or bias.shape != e.bshape:
-            return None
-        if not bias.flags.carray:  # C-contiguous, aligned and writeable
-            return None
-    if out is None:
-        out = np.empty(e.oshape, _F32)
-    else:
-        if type(out) is not np.ndarray or out.dtype is not _F32 or out.shape != e.oshape:
-            return None
-        if not out.flags.carray or np.may_share_memory(out, x):
-            return None
+    given = out
+    out = replay_out(bias, e.bdt, e.bshape, out, _F32, e.oshape)
+    if out is None or (given is not None and np.may_share_memory(out, x)):
+        return None
     x2 = x if x.ndim == 2 else x.reshape(e.m, -1)
     if e.par:
         _config.sync_threads()

@@ -105,6 +105,23 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     return value
 
 
+def replay_out(
+    bias: Any, bias_dtype: Any, bias_shape: tuple, out: Any, out_dtype: Any, out_shape: tuple
+) -> np.ndarray | None:
+    """The output array of a replayed GEMM call (``out``, or a new one), or None when ``bias``
+    or ``out`` are not exactly what the checked call took as they are (dtype object, shape,
+    C-contiguous, aligned and writeable): then the checked path runs.  The bias is looked at
+    on every call because ``bias.dtype = ...`` / ``bias.shape = ...`` can change it in place."""
+    if bias is not None:
+        if bias.dtype is not bias_dtype or bias.shape != bias_shape or not bias.flags.carray:
+            return None
+    if out is None:
+        return np.empty(out_shape, out_dtype)
+    if type(out) is not np.ndarray or out.dtype is not out_dtype or out.shape != out_shape:
+        return None
+    return out if out.flags.carray else None
+
+
 def compiled_entry(kernel: Any, argtypes: tuple[Any, ...]) -> Any:
     """What a wrapper may call for ``kernel`` once its own checks have fixed every argument's
     Numba type to ``argtypes``: the compiled entry point behind the dispatcher.

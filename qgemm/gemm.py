@@ -53,7 +53,7 @@ from ._kernels.gemm import KINDS, _signature, gemm_kernel
 from ._kernels.output_stage import OutputStage
 from ._packing import PackedWeight, _estimate, _Plan, _plan, _stage, pack_weight
 from ._tuning import GEMM_FAST_ENTRIES, GEMM_PROBE_MAX, GEMM_PROBE_MIN
-from ._validate import as_array, check_finite, check_out, compiled_entry
+from ._validate import as_array, check_finite, check_out, compiled_entry, replay_out
 from .quantize import QParams
 
 __all__ = ["PackedWeight", "pack_weight", "linear", "quantized_linear", "matmul_u8s8"]
@@ -290,19 +290,9 @@ def _replay(e: _Fast, a2: np.ndarray, bias: Any, out: Any) -> Any:
     """Run entry ``e`` on the 2-D activations ``a2`` (types already checked):
     ``(code, result)``, or None when the entry is stale or ``bias`` / ``out`` are not exactly
     as the checked path would take them as they are."""
-    if bias is not None:
-        # (in place, ``bias.dtype = ...`` or ``bias.shape = ...`` could have changed it)
-        if bias.dtype is not e.bdt or bias.shape != e.bshape:
-            return None
-        if not bias.flags.carray:  # C-contiguous, aligned and writeable
-            return None
+    out = replay_out(bias, e.bdt, e.bshape, out, e.odt, e.oshape)
     if out is None:
-        out = np.empty(e.oshape, e.odt)
-    else:
-        if type(out) is not np.ndarray or out.dtype is not e.odt or out.shape != e.oshape:
-            return None
-        if not out.flags.carray:
-            return None
+        return None
     if e.par:
         if _CFG["adaptive_threads"]:
             return None  # adaptive threads time every parallel call: the checked path does
