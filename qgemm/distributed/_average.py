@@ -93,8 +93,7 @@ def _fold_local(
     if len(models) == 1:
         acc = red.partial(models[0], ws[0], int_policy=int_policy, where=wheres[0])
         return _compact(acc) if compact else acc
-    from .._kernels import averaging as _k
-    from ..training._tree import _flat_float
+    from ..training.engine import fold_leaf_multi
 
     acc = red.Partial(int_policy=int_policy, where=wheres[0])
     leaves = [acc._leaves_of(m, where) for m, where in zip(models, wheres, strict=True)]
@@ -105,18 +104,9 @@ def _fold_local(
     assert spec is not None
     totals = np.cumsum([ws[j] for j in pos]).tolist()
     for i, info in enumerate(spec.leaves):
-        size = int(np.prod(info.shape, dtype=np.int64))
-        if (
-            info.kind == "float"
-            and info.dtype in (np.float32, np.float64)
-            and 2 <= len(pos) <= _k.MULTI_MAX
-            and size >= _k.MULTI_MIN
-        ):
-            xs = tuple(_flat_float(leaves[j][i], info) for j in pos)
-            low = compact and info.dtype == np.float32
-            out = np.empty(size, np.float32 if low else np.float64)
-            wv = np.array([ws[j] for j in pos], np.float64)
-            _k.run("multi", xs, wv, 1.0, out, out_dtype=out.dtype.name)
+        low = compact and info.dtype == np.float32
+        out = fold_leaf_multi(leaves, i, info, pos, ws, 1.0, np.float32 if low else np.float64)
+        if out is not None:
             acc.acc[i] = out
             continue
         for idx, j in enumerate(pos):

@@ -149,6 +149,35 @@ def average(
     return finish(state, consume=True)
 
 
+def fold_leaf_multi(
+    leaves: Sequence[Sequence[Any]],
+    i: int,
+    info: Any,
+    pos: Sequence[int],
+    ws: Sequence[float],
+    total: float,
+    out_dtype: Any,
+) -> np.ndarray | None:
+    """Leaf ``i`` of the models ``pos`` (``leaves[j][i]``, weights ``ws[j]``) folded in one
+    pass of the ``multi`` kernel: ``sum_j ws[j] * x_j / total`` as flat ``out_dtype`` (each
+    model read once, the result written once; the same float64 operations in the same order
+    as a partial's ``init`` + ``add``, so the same bits).  None when the leaf does not take
+    that path (not a large float32/float64 leaf, or fewer than 2 / too many models)."""
+    size = math.prod(info.shape)
+    if not (
+        info.kind == "float"
+        and info.dtype in (np.float32, np.float64)
+        and 2 <= len(pos) <= _k.MULTI_MAX
+        and size >= _k.MULTI_MIN
+    ):
+        return None
+    xs = tuple(_flat_float(leaves[j][i], info) for j in pos)
+    out = np.empty(size, out_dtype)
+    wv = np.array([ws[j] for j in pos], np.float64)
+    _k.run("multi", xs, wv, total, out, out_dtype=out.dtype.name)
+    return out
+
+
 def _average_in_memory(models: Sequence, weights: Any, int_policy: str) -> dict:
     """:func:`average` of a list or tuple: every model is in memory already, so go leaf by
     leaf and, for large float leaves, read all models in one pass (the ``multi`` kernel):
@@ -176,18 +205,8 @@ def _average_in_memory(models: Sequence, weights: Any, int_policy: str) -> dict:
     sync_threads()
     vals: list = []
     for i, info in enumerate(spec.leaves):
-        size = math.prod(info.shape)
-        if (
-            info.kind == "float"
-            and info.dtype in (np.float32, np.float64)
-            and 2 <= len(pos) <= _k.MULTI_MAX
-            and size >= _k.MULTI_MIN
-        ):
-            xs = tuple(_flat_float(leaves[j][i], info) for j in pos)
-            out = np.empty(size, info.dtype)
-            wv = np.array([ws[j] for j in pos], np.float64)
-            _k.run("multi", xs, wv, total, out, out_dtype=info.dtype.name)
-            del xs
+        out = fold_leaf_multi(leaves, i, info, pos, ws, total, info.dtype)
+        if out is not None:
             vals.append(_package(out, info))
             continue
         for idx, j in enumerate(pos):
