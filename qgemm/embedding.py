@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _config
+from . import _config, _tiers
 from ._kernels.embedding import (
     BAD_FIRST_OFFSET,
     BAD_INDEX,
@@ -124,6 +124,10 @@ def _table_args(table: Any) -> tuple[str, np.ndarray, int, int, int]:
 _INDEX_NAMES = {np.dtype(np.int32): "int32", np.dtype(np.int64): "int64"}
 
 _ENTRIES: dict[Any, Any] = {}
+_TIERS = _tiers._state  # epoch: bumped by cache_clear, every tiered-kernel swap, JIT mode change
+_BAG_ENTRIES: dict[tuple, tuple[int, Any]] = {}
+"""Kernel key -> ``(epoch, compiled entry)`` of :func:`embedding_bag`: one dict read instead of
+the family lookup and :func:`entry_point` per call; stale once the epoch moves."""
 
 
 def entry_point(kern: Any) -> Any:
@@ -452,7 +456,15 @@ def embedding_bag(
         parallel,
         prevalidate,
     )
-    kern = entry_point(embedding_bag_kernel(key))
+    memo = _BAG_ENTRIES.get(key)
+    if memo is not None and memo[0] == _TIERS["epoch"]:
+        kern = memo[1]
+    else:
+        ep = _TIERS["epoch"]  # read before the lookup: a swap during it leaves the memo stale
+        kern = entry_point(embedding_bag_kernel(key))
+        if len(_BAG_ENTRIES) >= 4096:
+            _BAG_ENTRIES.clear()
+        _BAG_ENTRIES[key] = (ep, kern)
     if parallel:
         _config.sync_threads()
     code, pos, val = kern(flat, row_stride, rows, dim, idx, offs, bags, wts, pad, res)
