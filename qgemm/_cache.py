@@ -78,6 +78,8 @@ GENERIC_PROVIDERS: dict[str, str] = {
     "dequantize": "qgemm._kernels.quantize_generic:generic_dequantize_kernel",
     "rowwise_minmax": "qgemm._kernels.quantize_generic:generic_rowwise_minmax_kernel",
     "rowwise_codes": "qgemm._kernels.quantize_generic:generic_rowwise_codes_kernel",
+    "embedding_bag": "qgemm._kernels.embedding_generic:generic_embedding_bag_kernel",
+    "check_bags": "qgemm._kernels.embedding_generic:generic_check_bags_kernel",
 }
 """Family -> ``"module:attribute"`` of a generic builder registered from outside the family's
 own module (imported on the first tiered miss).  The attribute is a function ``key -> kernel``
@@ -146,6 +148,7 @@ class _Family:
         "generic_seconds",
         "tiered",
         "failed",
+        "no_generic",
         "build_seconds",
     )
 
@@ -163,6 +166,8 @@ class _Family:
         self.generic_seconds = 0.0
         self.tiered: dict[Hashable, _tiers.TieredKernel] = {}
         self.failed: set[Hashable] = set()
+        self.no_generic: set[Hashable] = set()
+        """Keys the generic builder declines (``NotImplementedError``): built eagerly."""
         self.build_seconds: dict[Hashable, float] = {}
 
 
@@ -311,15 +316,25 @@ def get_kernel(family: str, key: Hashable) -> Callable:
         return kern
     mode = _tiers.get_jit_mode()
     if mode != "eager" and _has_generic(fam):
-        if mode == "generic":
-            kern = _get_generic(fam, key)
-            fam.hits += 1
-            return kern
+        if mode == "generic" and key not in fam.no_generic:
+            try:
+                kern = _get_generic(fam, key)
+            except NotImplementedError:  # no generic kernel for this key: the specialised one
+                with _registry_lock:
+                    fam.no_generic.add(key)
+            else:
+                fam.hits += 1
+                return kern
         tk = fam.tiered.get(key)
         if tk is not None:
             fam.hits += 1
             return tk
-        if key not in fam.failed and not _tiers.known_built(family, key, fam.build):
+        if (
+            mode == "tiered"
+            and key not in fam.failed
+            and key not in fam.no_generic
+            and not _tiers.known_built(family, key, fam.build)
+        ):
             # (a failed key with a tiered kernel returned above; one whose generic build
             # failed is built eagerly below)
             return _tiered_miss(fam, key)
@@ -355,6 +370,11 @@ def _tiered_miss(fam: _Family, key: Hashable) -> Callable:
         try:
             try:
                 generic = _get_generic(fam, key)
+            except NotImplementedError:  # declined by design (documented per family): eager
+                with _registry_lock:
+                    fam.no_generic.add(key)
+                    fam.key_locks.pop(key, None)
+                return _build_specialised(fam, key)
             except Exception as exc:  # a broken generic tier never breaks the op: go eager
                 _tiers.report_failure(fam.name, key, exc, tier="generic")
                 with _registry_lock:
@@ -437,6 +457,7 @@ def cache_clear() -> None:
             f.generic_kernels.clear()
             f.tiered.clear()
             f.failed.clear()
+            f.no_generic.clear()
             f.build_seconds.clear()
             f.hits = f.misses = 0
             f.seconds = f.generic_seconds = 0.0

@@ -157,3 +157,8 @@ GENERIC_QUANTIZE_CHUNK_ELEMS = 1 << 20
 """Elements per chunk of the numpy generic (de)quantize and rowwise kernels (a few MiB of
 float32 temporaries per pass); chosen to bound memory: 1M x 64 rows ran in ~1 s with it on 2
 busy cores, the same as in one piece."""
+
+GENERIC_EMBEDDING_CHUNK_ELEMS = 1 << 18
+"""Output elements (bags x dim) per chunk of the numpy generic embedding-bag kernel: its
+float32/float64 temporaries (one gathered row per bag and pooled position, the accumulator)
+stay at a few MiB; chosen to bound memory, not measured."""

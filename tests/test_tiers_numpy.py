@@ -1,4 +1,5 @@
-"""The numpy generic tier (``qgemm/_kernels/gemm_generic.py``, ``quantize_generic.py``).
+"""The numpy generic tier (``qgemm/_kernels/gemm_generic.py``, ``quantize_generic.py``; the
+embedding families' ``embedding_generic.py`` has its own file, ``test_tiers_embedding.py``).
 
 Every family with a numpy generic tier is forced to it (``QGEMM_JIT=generic``) and compared
 bit for bit with the eager specialised kernel through the public API, over hypothesis shapes
@@ -24,8 +25,9 @@ from hypothesis import strategies as st
 
 import qgemm
 from qgemm import _cache
-from qgemm._kernels import gemm_generic, quantize_generic
+from qgemm._kernels import embedding_generic, gemm_generic, quantize_generic
 from qgemm._kernels.quantize_generic import choose_qparams_np
+from qgemm.embedding import check_bags
 from tests._jit import forced_jit_mode
 
 NUMPY_FAMILIES = tuple(sorted(_cache.GENERIC_PROVIDERS))
@@ -97,7 +99,7 @@ def test_constants_match_the_numba_modules():
     assert quantize_generic.SMALL_SCALE_THRESHOLD == quantize.SMALL_SCALE_THRESHOLD
 
 
-@pytest.mark.parametrize("module", [gemm_generic, quantize_generic])
+@pytest.mark.parametrize("module", [gemm_generic, quantize_generic, embedding_generic])
 def test_numpy_tier_modules_import_no_numba(module):
     tree = ast.parse(Path(module.__file__).read_text())
     for node in ast.walk(tree):
@@ -110,7 +112,9 @@ def test_numpy_tier_modules_import_no_numba(module):
         for name in names:
             assert not name.startswith(("numba", "llvmlite")), name
             # relative imports: only the numpy tier itself and the tuning constants
-            assert not name.startswith(".") or name in (".quantize_generic", ".._tuning"), name
+            if node in tree.body:  # module level (a builder may read the config lazily)
+                allowed = (".quantize_generic", ".embedding_codes", ".._tuning")
+                assert not name.startswith(".") or name in allowed, name
 
 
 _NO_NUMBA = """
@@ -119,6 +123,7 @@ pkg = types.ModuleType("qgemm")  # the package without its __init__ (which impor
 pkg.__path__ = [sys.argv[1]]
 sys.modules["qgemm"] = pkg
 import qgemm._kernels.gemm_generic, qgemm._kernels.quantize_generic
+import qgemm._kernels.embedding_generic
 assert "numba" not in sys.modules and "llvmlite" not in sys.modules, sorted(sys.modules)
 print("ok")
 """
@@ -144,6 +149,8 @@ def test_every_numpy_family_is_served_by_the_generic_tier(both_tiers):
         qgemm.dequantize(qgemm.quantize(x, qp), qp)
         qgemm.linear(x, pw)
         qgemm.quantize_rowwise(t, bits=4)
+        qgemm.embedding_bag(t, np.array([0, 3, 1]), np.array([0, 2]))
+        check_bags(np.array([0, 3, 1]), np.array([0, 2]), rows=4)
     info = qgemm.cache_info()
     for name in NUMPY_FAMILIES:
         fam = info.families[name]
@@ -155,12 +162,17 @@ def test_every_numpy_family_is_served_by_the_generic_tier(both_tiers):
     qgemm.cache_clear()
 
 
+_BAG_KEY = ("portable", "float32", "int64", "int64", "offsets", "sum", False, 0, False, False)
+
+
 def _any_key(family):
     return {
         "gemm": ("float", "portable", "portable", 1, 1, 16, False),
         "quantize": ("uint8", False),
         "dequantize": ("int8", False),
         "rowwise_codes": (4,),
+        "embedding_bag": _BAG_KEY,
+        "check_bags": ("int64", "int64"),
     }.get(family, ())
 
 

@@ -73,6 +73,18 @@ from .._tuning import EMBEDDING_ALIGNED_LOADS as ALIGNED_LOADS
 from .._tuning import EMBEDDING_PREFETCH as PREFETCH
 from .._tuning import EMBEDDING_PREFETCH_ALL_LINES as PREFETCH_ALL_LINES
 from .._tuning import EMBEDDING_PREFETCH_TAIL as PREFETCH_TAIL
+from .embedding_codes import (  # (re-exported: KINDS, MODES, the error codes)
+    BAD_FIRST_OFFSET,
+    BAD_INDEX,
+    DECREASING_OFFSET,
+    ERRORS,
+    KINDS,
+    LENGTHS_SUM,
+    MODES,
+    NEGATIVE_LENGTH,
+    OFFSET_PAST_END,
+    OK,
+)
 from .embedding_ir import (
     OP_IDS,
     SRC_IDS,
@@ -97,27 +109,6 @@ __all__ = [
     "KINDS",
     "PREFETCH",
 ]
-
-KINDS = ("float32", "float16", "rowwise8", "rowwise4", "rowwise2")
-MODES = ("sum", "mean", "max")
-
-# Error codes returned by the kernels as (code, position, value); turned into exceptions by
-# :func:`qgemm.embedding.bag_error`, the one place that words them.
-OK = 0
-BAD_INDEX = 1
-BAD_FIRST_OFFSET = 2
-DECREASING_OFFSET = 3
-OFFSET_PAST_END = 4
-NEGATIVE_LENGTH = 5
-LENGTHS_SUM = 6
-ERRORS = {
-    BAD_INDEX: "index out of range",
-    BAD_FIRST_OFFSET: "offsets[0] is not 0",
-    DECREASING_OFFSET: "offsets decrease",
-    OFFSET_PAST_END: "offset past the end of indices",
-    NEGATIVE_LENGTH: "negative length",
-    LENGTHS_SUM: "lengths do not add up to the number of indices",
-}
 
 _CACHE_LINE = 64
 _TABLE_OFFSET = 16
