@@ -134,9 +134,12 @@ EMBEDDING_BATCHED_BAG_COST = 64.0
 storing the pooled row: about one 64-byte row's worth), used to balance the batched op's tasks
 so that many short bags of one table weigh as much as a few long bags of another."""
 
-EMBEDDING_BATCHED_TASKS_PER_THREAD = 1
-"""Tasks of equal estimated work per thread in the batched op's parallel region (Numba splits
-the ``prange`` statically, so more tasks than threads only add boundaries)."""
+EMBEDDING_BATCHED_TASKS_PER_THREAD = 4
+"""Tasks of equal estimated work per thread in the batched op's parallel region.  The threads
+take tasks from a shared counter, so a thread slowed down by another process (a 2-core box
+that also compiles) hands its remaining tasks to the others; 4 bounds the leftover imbalance
+to about a quarter of one thread's share at one atomic add per task.  Chosen by that
+reasoning: on the busy box the 1/4/8/16 timings were within their noise of each other."""
 
 # ------------------------------------------------------------- GEMM per-call fast path
 

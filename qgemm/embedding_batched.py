@@ -407,7 +407,7 @@ class TableBatchedEmbeddingBags:
             _config.sync_threads()
         code, t, b, pos, val = kern(
             self._addrs, self._row_bytes, self._rows, self._dims, self._gid, pads, obase,
-            ostride, idx, offs, batch, wts, threads * TASKS_PER_THREAD, out_flat,
+            ostride, idx, offs, batch, wts, threads * TASKS_PER_THREAD, threads, out_flat,
         )  # fmt: skip
         if code:
             raise self._error(code, t, b, pos, val, starts)

@@ -184,6 +184,56 @@ def test_parallel_equals_serial(mixed, monkeypatch):
     np.testing.assert_array_equal(tbe(idx, offs), serial)
 
 
+@pytest.mark.parametrize("tasks", [1, 3, 64])
+def test_parallel_task_counts_equal_serial(mixed, monkeypatch, tasks):
+    # the threads take tasks from a shared counter: any number of tasks, the same bits
+    tbe, _ = mixed
+    rng = np.random.default_rng(11)
+    idx_l, off_l = random_bags(tbe.rows, 41, rng, max_len=9)
+    idx, offs = flatten(idx_l, off_l)
+    serial = tbe(idx, offs, mode="mean")
+    monkeypatch.setattr(eb, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(eb, "TASKS_PER_THREAD", tasks)
+    np.testing.assert_array_equal(tbe(idx, offs, mode="mean"), serial)
+
+
+def _float32_at(dense, offset_bytes, row_stride=None):
+    """``dense`` in a buffer whose first element sits ``offset_bytes`` past a 64-byte boundary,
+    NaN around the rows (rows ``row_stride`` floats apart)."""
+    rows, dim = dense.shape
+    stride = dim if row_stride is None else row_stride
+    buf = np.full(rows * stride + 64, np.nan, np.float32)
+    start = (-(buf.ctypes.data % 64) % 64 + offset_bytes) // 4
+    view = buf[start : start + rows * stride].reshape(rows, stride)[:, :dim]
+    view[...] = dense
+    assert view.ctypes.data % 64 == offset_bytes
+    return view
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_float32_alignments_match_single_table(mode, monkeypatch):
+    # float32 rows 16 bytes past a vector boundary (numpy's large arrays) take aligned loads
+    # from before the row; other offsets and spaced rows the plain loads: same results
+    rng = np.random.default_rng(5)
+    tables, dense = [], []
+    for dim, offset, stride in [(16, 16, None), (64, 16, None), (128, 16, None), (32, 0, None),
+                                (64, 48, None), (16, 16, 24), (32, 16, 40)]:  # fmt: skip
+        d = rng.standard_normal((19, dim)).astype(np.float32)
+        tables.append(_float32_at(d, offset, stride))
+        dense.append(d)
+    tbe = TableBatchedEmbeddingBags(tables)
+    idx_l, off_l = random_bags(tbe.rows, 6, rng, max_len=7)
+    idx_l[0][:2] = [0, 18]  # first and last row of a table (the loads around the table)
+    want, tol = ref_batched(dense, idx_l, off_l, mode)
+    got = tbe(idx_l, off_l, mode=mode)
+    check(got, want, tol)
+    for t, table in enumerate(tables):
+        one = embedding_bag(table, idx_l[t], off_l[t], mode=mode)
+        np.testing.assert_array_equal(got[:, tbe.cols[t] : tbe.cols[t + 1]], one)
+    monkeypatch.setattr(eb, "PARALLEL_MIN_WORK", 0)
+    np.testing.assert_array_equal(tbe(idx_l, off_l, mode=mode), got)
+
+
 def test_bad_index_names_table_bag_value(mixed):
     tbe, _ = mixed
     rng = np.random.default_rng(2)

@@ -17,17 +17,22 @@ parallel)``:
     explicit vector IR for a compile-time dim, as the single-table kernel).
 
 ``kern(addrs, row_bytes, rows, dims, group, pad, obase, ostride, indices, offsets, batch,
-weights, ntasks, out) -> (code, table, bag, position, value)``
+weights, ntasks, nthreads, out) -> (code, table, bag, position, value)``
 
 The kernel first validates everything serially (offsets start at 0, never decrease and end at
 ``len(indices)``; every index of table ``t`` in ``[0, rows[t])``), so that a failing call
 returns before writing ``out``; then it splits the ``T * B`` global bags into ``ntasks``
 contiguous ranges of equal estimated work (indices x bytes read per row, plus a per-bag cost)
 -- across table boundaries, so a batch-1 call over 26 tables still uses every thread -- and
-runs them in one ``prange``.  Bag ``(t, b)`` is written at ``out[obase[t] + b * ostride[t]:]``
-(``dims[t]`` floats): ``[B, sum(dims)]`` and DLRM's table-major ``[T, B, d]`` are both such
-layouts.  Prefetching is that of the single-table kernel, clamped to the current table's
-indices.
+runs them in one ``prange`` over ``nthreads`` workers, each taking the next task from a shared
+atomic counter until none is left (numba's ``prange`` splits statically: a worker slowed down
+by another process would hold its whole share).  Bag ``(t, b)`` is written at
+``out[obase[t] + b * ostride[t]:]`` (``dims[t]`` floats): ``[B, sum(dims)]`` and DLRM's
+table-major ``[T, B, d]`` are both such layouts; which worker pools a bag changes nothing in
+its arithmetic.  Prefetching is that of the single-table kernel (every line of the row, and the
+line of its last byte), clamped to the current table's indices; float32 tables whose rows sit
+16 bytes past a vector boundary (numpy's large arrays) are read by the single-table kernel's
+aligned loads.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ from .._tuning import EMBEDDING_PREFETCH as PREFETCH
 from .._tuning import EMBEDDING_PREFETCH_ALL_LINES as PREFETCH_ALL_LINES
 from .._tuning import EMBEDDING_PREFETCH_TAIL as PREFETCH_TAIL
 from .embedding import (
+    _SHIFT_MAX_VECTORS,
+    _TABLE_OFFSET,
     BAD_FIRST_OFFSET,
     BAD_INDEX,
     DECREASING_OFFSET,
@@ -65,6 +72,7 @@ from .embedding_ir import (
     stack_array,
     vec_row,
     vec_store_row,
+    vec_store_shifted,
 )
 
 __all__ = ["batched_kernel", "MAX_GROUPS", "KIND_IDS", "row_read_bytes"]
@@ -128,7 +136,26 @@ def borrow(typingctx, arr):
     return arr(arr), codegen
 
 
-def pool_bag(src, dim_c, mode, weighted, tab, row_bytes, dim, idx, s, e, pf_end, wts, pad, orow):
+@intrinsic
+def fetch_add(typingctx, arr, index, value):
+    """Atomically add ``value`` to ``arr[index]`` (an int64 array) and return its old value
+    (``atomicrmw add``, sequentially consistent): the task counter that the threads of a
+    parallel region share.  ``index`` must be in range."""
+    if not isinstance(arr, types.Array) or arr.dtype != types.int64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.gep(ary.data, [args[1]])
+        return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
+
+    return types.int64(arr, types.intp, types.int64), codegen
+
+
+def pool_bag(
+    src, dim_c, mode, weighted, vbytes, shifted, tab, row_bytes, dim, idx, s, e, pf_end, wts, pad,
+    orow,
+):  # fmt: skip
     """Pool one bag (see the overload); a stub for numba's typing."""
     raise NotImplementedError  # pragma: no cover - only called from compiled code
 
@@ -139,14 +166,17 @@ def _fastmath():
 
 
 @overload(pool_bag, prefer_literal=True, jit_options={"fastmath": _fastmath()})
-def _pool_bag_ov(src, dim_c, mode, weighted, tab, row_bytes, dim, idx, s, e, pf_end, wts, pad,
-                 orow):  # fmt: skip
+def _pool_bag_ov(src, dim_c, mode, weighted, vbytes, shifted, tab, row_bytes, dim, idx, s, e,
+                 pf_end, wts, pad, orow):  # fmt: skip
     """Pool rows ``idx[s:e]`` of the table ``tab`` (bytes; rows ``row_bytes`` apart) into
     ``orow`` (``dim`` float32), with ``src`` a kind id (:data:`KIND_IDS`), ``dim_c`` the
-    compile-time dim (0: run time), ``mode`` 0/1/2 (sum/mean/max), ``weighted`` 0/1 -- all four
-    literal.  Indices are already validated.  Prefetches row ``k + PREFETCH`` (below
-    ``pf_end``)."""
-    lits = (src, dim_c, mode, weighted)
+    compile-time dim (0: run time), ``mode`` 0/1/2 (sum/mean/max), ``weighted`` 0/1,
+    ``vbytes`` the vector width in bytes of the aligned-load path (0: none) -- all five literal.
+    ``shifted`` (run time): every row of ``tab`` sits ``_TABLE_OFFSET`` bytes past a
+    ``vbytes`` boundary, so a float32 row is read by aligned loads from that many bytes before
+    it, as in the single-table kernel (the extra lanes are dropped when the bag is stored).
+    Indices are already validated.  Prefetches row ``k + PREFETCH`` (below ``pf_end``)."""
+    lits = (src, dim_c, mode, weighted, vbytes)
     if not all(isinstance(x, types.IntegerLiteral) for x in lits):
         return None
     kind = KINDS[src.literal_value]
@@ -173,16 +203,35 @@ def _pool_bag_ov(src, dim_c, mode, weighted, tab, row_bytes, dim, idx, s, e, pf_
     PF = PREFETCH
     HAS_PF = PF > 0
     PF_ALL = PREFETCH_ALL_LINES
-    PF_TAIL = PREFETCH_TAIL and (QUANT or NEED % _LINE != 0)  # as the single-table kernel
+    # Rows need not start on a line: the line of the row's last byte is prefetched too (as the
+    # single-table kernel does, whatever the row size).
+    PF_TAIL = PREFETCH_TAIL
     LINE = _LINE
     SBYTES = 8 if Q8 else 4  # scale + bias bytes of a quantized row
+    VB = int(vbytes.literal_value)
+    SHIFTABLE = (
+        VB > 0
+        and kind == "float32"
+        and VEC
+        and DIM % 16 == 0
+        and (DIM * 4 + VB) // VB <= _SHIFT_MAX_VECTORS[VB]
+    )
+    SHIFT = _TABLE_OFFSET // 4 if SHIFTABLE else 0
+    ACC_SH = DIM + VB // 4 if SHIFTABLE else ACC
+    ACC_ALLOC = max(ACC, ACC_SH)
+    SH_BYTES = _TABLE_OFFSET if SHIFTABLE else 0
 
-    def impl(src, dim_c, mode, weighted, tab, row_bytes, dim, idx, s, e, pf_end, wts, pad, orow):
+    def impl(src, dim_c, mode, weighted, vbytes, shifted, tab, row_bytes, dim, idx, s, e, pf_end,
+             wts, pad, orow):  # fmt: skip
         if VEC:
-            acc = stack_array(ACC)
+            acc = stack_array(ACC_ALLOC)
+            sh = SHIFTABLE and shifted
             if not MODE_MAX:
-                for p in range(PER):
-                    vec_row(acc, p * CB, tab, 0, ONE, ZERO, 0, False, SRC, OP_ZERO, CB)
+                if sh:
+                    vec_row(acc, 0, tab, 0, ONE, ZERO, 0, False, SRC, OP_ZERO, ACC_SH)
+                else:
+                    for p in range(PER):
+                        vec_row(acc, p * CB, tab, 0, ONE, ZERO, 0, False, SRC, OP_ZERO, CB)
             cnt = 0
             bsum = ZERO
             for k in range(s, e):
@@ -219,17 +268,26 @@ def _pool_bag_ov(src, dim_c, mode, weighted, tab, row_bytes, dim, idx, s, e, pf_
                 else:
                     a = w
                     z = ZERO
-                for p in range(PER):
-                    vec_row(acc, p * CB, tab, base, a, z, p * BITS, first, SRC, OP_ROW, CB)
+                if sh:
+                    vec_row(acc, 0, tab, base - SH_BYTES, a, z, 0, first, SRC, OP_ROW, ACC_SH)
+                else:
+                    for p in range(PER):
+                        vec_row(acc, p * CB, tab, base, a, z, p * BITS, first, SRC, OP_ROW, CB)
             if MODE_MAX and cnt == 0:
-                for p in range(PER):
-                    vec_row(acc, p * CB, tab, 0, ONE, ZERO, 0, False, SRC, OP_ZERO, CB)
+                if sh:
+                    vec_row(acc, 0, tab, 0, ONE, ZERO, 0, False, SRC, OP_ZERO, ACC_SH)
+                else:
+                    for p in range(PER):
+                        vec_row(acc, p * CB, tab, 0, ONE, ZERO, 0, False, SRC, OP_ZERO, CB)
             scale = ONE
             if MODE_MEAN and cnt > 1:
                 scale = ONE / np.float32(cnt)
             if MODE_MAX:
                 bsum = ZERO
-            vec_store_row(orow, acc, CB, bsum, scale, PER, CB)
+            if sh:
+                vec_store_shifted(orow, acc, bsum, scale, SHIFT, ACC_SH, DIM)
+            else:
+                vec_store_row(orow, acc, CB, bsum, scale, PER, CB)
             return
         # ---- run-time dim: scalar loops, accumulating in orow (element order) ----
         cb = (dim * BITS + 7) // 8 if QUANT else dim
@@ -321,6 +379,7 @@ def signature(key):
         i64,  # batch B
         numba.float32[::1],  # per-sample weights (empty when unweighted)
         i64,  # ntasks (parallel kernels)
+        i64,  # threads of the parallel region (parallel kernels)
         numba.float32[::1],  # out, flat
     )
 
@@ -345,12 +404,17 @@ def batched_kernel(key):
     W = 1 if weighted else 0
     PAR = bool(parallel)
     BAGC = BAG_COST
+    # Aligned loads for float32 tables whose rows all sit _TABLE_OFFSET bytes past a vector
+    # boundary (checked per table and call), as the single-table kernel does.
+    VB = 0 if isa == "portable" else (64 if isa.startswith("avx512") else 32)
+    VBM = max(VB, 1)
+    SH_OFF = _TABLE_OFFSET if VB else -1
     loop = prange if PAR else range
 
     @numba.njit(signature(key), parallel=PAR, cache=True, nogil=True, fastmath=_fastmath())
     def embedding_bags(
         addrs, row_bytes, rows, dims, group, pad, obase, ostride, indices, offs, batch, wts,
-        ntasks, out,
+        ntasks, nthreads, out,
     ):  # fmt: skip
         nt = addrs.size
         n = indices.size
@@ -405,43 +469,67 @@ def batched_kernel(key):
             while j < tasks:
                 bounds[j] = nb
                 j += 1
-        # ---- pool: one parallel region over the tasks ----
+        # ---- pool: one parallel region; each thread takes the next task until none is left
+        # (a shared atomic counter), so a thread slowed down by another process does less ----
         ib = borrow(indices)
         wb = borrow(wts)
-        for q in loop(tasks):
-            g0 = bounds[q]
-            g1 = bounds[q + 1]
-            for g in range(g0, g1):
-                t = g // batch
-                b = g - t * batch
-                dim = dims[t]
-                if dim == 0:
-                    continue
-                nr = rows[t]
-                rb = row_bytes[t]
-                tab = ptr_bytes(addrs[t], nr * rb)
-                s = np.int64(offs[g])
-                e = np.int64(offs[g + 1])
-                pf_end = np.int64(offs[(t + 1) * batch])
-                orow = row_view(out, obase[t] + b * ostride[t], dim)
-                p = pad[t]
-                k = group[t]
-                if k == 0:
-                    pool_bag(S0, D0, MODE, W, tab, rb, dim, ib, s, e, pf_end, wb, p, orow)
-                elif NG > 1 and k == 1:
-                    pool_bag(S1, D1, MODE, W, tab, rb, dim, ib, s, e, pf_end, wb, p, orow)
-                elif NG > 2 and k == 2:
-                    pool_bag(S2, D2, MODE, W, tab, rb, dim, ib, s, e, pf_end, wb, p, orow)
-                elif NG > 3 and k == 3:
-                    pool_bag(S3, D3, MODE, W, tab, rb, dim, ib, s, e, pf_end, wb, p, orow)
-                elif NG > 4 and k == 4:
-                    pool_bag(S4, D4, MODE, W, tab, rb, dim, ib, s, e, pf_end, wb, p, orow)
-                elif NG > 5 and k == 5:
-                    pool_bag(S5, D5, MODE, W, tab, rb, dim, ib, s, e, pf_end, wb, p, orow)
-                elif NG > 6 and k == 6:
-                    pool_bag(S6, D6, MODE, W, tab, rb, dim, ib, s, e, pf_end, wb, p, orow)
-                elif NG > 7 and k == 7:
-                    pool_bag(S7, D7, MODE, W, tab, rb, dim, ib, s, e, pf_end, wb, p, orow)
+        workers = max(1, min(nthreads, tasks)) if PAR else 1
+        counter = np.zeros(16, np.int64)  # element 8: a line of its own on a 64-byte boundary
+        for _wk in loop(workers):
+            while True:
+                q = fetch_add(counter, 8, 1)
+                if q >= tasks:
+                    break
+                g0 = bounds[q]
+                g1 = bounds[q + 1]
+                for g in range(g0, g1):
+                    t = g // batch
+                    b = g - t * batch
+                    dim = dims[t]
+                    if dim == 0:
+                        continue
+                    nr = rows[t]
+                    rb = row_bytes[t]
+                    tab = ptr_bytes(addrs[t], nr * rb)
+                    sh = rb % VBM == 0 and addrs[t] % VBM == SH_OFF
+                    s = np.int64(offs[g])
+                    e = np.int64(offs[g + 1])
+                    pf_end = np.int64(offs[(t + 1) * batch])
+                    orow = row_view(out, obase[t] + b * ostride[t], dim)
+                    p = pad[t]
+                    k = group[t]
+                    if k == 0:
+                        pool_bag(
+                            S0, D0, MODE, W, VB, sh, tab, rb, dim, ib, s, e, pf_end, wb, p, orow
+                        )
+                    elif NG > 1 and k == 1:
+                        pool_bag(
+                            S1, D1, MODE, W, VB, sh, tab, rb, dim, ib, s, e, pf_end, wb, p, orow
+                        )
+                    elif NG > 2 and k == 2:
+                        pool_bag(
+                            S2, D2, MODE, W, VB, sh, tab, rb, dim, ib, s, e, pf_end, wb, p, orow
+                        )
+                    elif NG > 3 and k == 3:
+                        pool_bag(
+                            S3, D3, MODE, W, VB, sh, tab, rb, dim, ib, s, e, pf_end, wb, p, orow
+                        )
+                    elif NG > 4 and k == 4:
+                        pool_bag(
+                            S4, D4, MODE, W, VB, sh, tab, rb, dim, ib, s, e, pf_end, wb, p, orow
+                        )
+                    elif NG > 5 and k == 5:
+                        pool_bag(
+                            S5, D5, MODE, W, VB, sh, tab, rb, dim, ib, s, e, pf_end, wb, p, orow
+                        )
+                    elif NG > 6 and k == 6:
+                        pool_bag(
+                            S6, D6, MODE, W, VB, sh, tab, rb, dim, ib, s, e, pf_end, wb, p, orow
+                        )
+                    elif NG > 7 and k == 7:
+                        pool_bag(
+                            S7, D7, MODE, W, VB, sh, tab, rb, dim, ib, s, e, pf_end, wb, p, orow
+                        )
         return (OK, 0, 0, 0, 0)
 
     return embedding_bags
