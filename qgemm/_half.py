@@ -33,7 +33,7 @@ import numpy as np
 
 from . import _config, _tiers
 from ._kernels.gemm_half import GROUP, PANEL, _signature, gemm_half_kernel, tile_shape
-from ._tuning import GEMM_FAST_ENTRIES, HALF_PARALLEL_MIN_MACS
+from ._tuning import GEMM_FAST_ENTRIES, HALF_PARALLEL_MIN_MACS, HALF_TASKS_PER_THREAD
 from ._validate import as_array, check_out, compiled_entry, replay_out
 
 __all__ = ["HalfPackedWeight", "pack_weight_half", "linear_half"]
@@ -225,10 +225,10 @@ class _Fast:
     writeable, the ISA, thread count and kernel epoch unchanged."""
 
     __slots__ = ("epoch", "isa", "threads", "bias", "bdt", "bshape", "relu", "m", "oshape",
-                 "rowcheck", "call", "args", "kbias", "par", "mrows")  # fmt: skip
+                 "rowcheck", "call", "args", "kbias", "par", "mrows", "nthr")  # fmt: skip
 
     def __init__(self, x: np.ndarray, bias: Any, relu: Any, kern: Any, kbias: np.ndarray,
-                 parallel: bool, mrows: int, m: int, n: int, k: int,
+                 parallel: bool, mrows: int, nthr: int, m: int, n: int, k: int,
                  packed: np.ndarray) -> None:  # fmt: skip
         self.epoch = _TIERS["epoch"]
         self.isa = _CFG["isa"]
@@ -241,7 +241,7 @@ class _Fast:
         self.rowcheck = m == 1 and x.ndim >= 2  # C-contiguity says nothing of that row stride
         self.call = _entry_of(kern)
         self.args = (m, k, packed, n)
-        self.par, self.mrows = parallel, mrows
+        self.par, self.mrows, self.nthr = parallel, mrows, nthr
 
 
 class _Seen:
@@ -301,7 +301,7 @@ def _fast_half(x: np.ndarray, weight: HalfPackedWeight, bias: Any, relu: Any, ou
     x2 = x if x.ndim == 2 else x.reshape(e.m, -1)
     if e.par:
         _config.sync_threads()
-    e.call(x2, *e.args, out.reshape(-1), e.kbias, e.mrows)
+    e.call(x2, *e.args, out.reshape(-1), e.kbias, e.mrows, e.nthr)
     return out
 
 
@@ -405,10 +405,11 @@ def linear_half(
         if parallel:
             threads = _config.sync_threads()
             ngrp = -(-n // (PANEL * GROUP))
-            ntm = min(-(-2 * threads // ngrp), -(-m // mr))
+            ntm = min(-(-HALF_TASKS_PER_THREAD * threads // ngrp), -(-m // mr))
             per_task = -(-m // ntm)
             mrows = mr * -(-per_task // mr)
         else:
+            threads = 1
             mrows = mr * -(-m // mr)
         kern = gemm_half_kernel((isa, weight.dtype, relu, has_bias, parallel, mr))
         if (
@@ -417,9 +418,9 @@ def linear_half(
             and _due(weight._fast, x.shape, bias0, relu0)
         ):
             weight._fast[x.shape] = _Fast(
-                x, bias0, relu0, kern, bias, parallel, mrows, m, n, k, weight._packed
+                x, bias0, relu0, kern, bias, parallel, mrows, threads, m, n, k, weight._packed
             )
-        kern(x2, m, k, weight._packed, n, res.reshape(-1), bias, mrows)
+        kern(x2, m, k, weight._packed, n, res.reshape(-1), bias, mrows, threads)
     if res is not out:
         out[...] = res
     return out

@@ -107,6 +107,13 @@ vector, broadcasts folded into the FMAs -- leaves zmm for the scheduler (FBGEMM 
 HALF_PORTABLE_KC = 256
 """K rows of a panel widened at once on the portable path (16 KiB of float32 scratch: L1)."""
 
+HALF_TASKS_PER_THREAD = 4
+"""Tasks (64-column panel groups x row chunks) per thread that the parallel half-weight GEMM
+aims for: its workers take tasks dynamically, so a few per thread let a thread slowed by a busy
+core take fewer (the int8 GEMM's reasoning); row chunks stay >= MR rows, so at large N there is
+one chunk per group and the panels' weights are read once.  Chosen, not tuned: 2-thread timings
+were dominated by other processes' load when this was written."""
+
 # ----------------------------------------------------------------------- laplace (issue 14)
 
 LAPLACE_BLOCK = 64

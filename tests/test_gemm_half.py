@@ -319,6 +319,35 @@ def test_parallel_kernel_bit_identical(monkeypatch, rng):
     assert any(key[4] for key in keys) and any(not key[4] for key in keys)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dynamic_tasks_bit_identical(dtype, rng):
+    """The parallel twin's workers take (panel group x row chunk) tasks from an atomic counter:
+    any chunk size and worker count (more workers than tasks too) gives the serial bits."""
+    if not NATIVE:
+        pytest.skip("no native ISA on this CPU")
+    isa = NATIVE[0]
+    mr = tile_shape(isa)[0]
+    m, n, k = 31, 16 * 9 + 5, 23  # 3 panel groups, the last one with a partial panel
+    x, w, b = _data(rng, m, n, k)
+    pw = pack_weight_half(w, dtype)
+    ser = gemm_half_kernel((isa, dtype, True, True, False, mr))
+    par = gemm_half_kernel((isa, dtype, True, True, True, mr))
+    want = np.empty(m * n, np.float32)
+    ser(x, m, k, pw._packed, n, want, b, mr * -(-m // mr), 1)
+    assert_close(want.reshape(m, n), x, pw.unpack(), b, True)
+    old = numba.get_num_threads()
+    try:
+        for threads in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+            numba.set_num_threads(threads)
+            for mrows in (mr, 2 * mr, 5 * mr, mr * -(-m // mr)):
+                for workers in (1, threads, 64):
+                    got = np.full(m * n, np.nan, np.float32)
+                    par(x, m, k, pw._packed, n, got, b, mrows, workers)
+                    np.testing.assert_array_equal(got, want)
+    finally:
+        numba.set_num_threads(old)
+
+
 def test_avx512_tile_codegen(rng):
     """The AVX-512 tile (one 16-lane vector per panel, 12 rows) built for this host: LLVM
     legalises the 16-lane vectors on AVX2, so the layout logic is checked here even though
@@ -331,7 +360,7 @@ def test_avx512_tile_codegen(rng):
     x, w, b = _data(rng, m, n, k)
     pw = pack_weight_half(w, "float16")
     out = np.empty((m, n), np.float32)
-    kern(x, m, k, pw._packed, n, out.reshape(-1), b, mr * 2)
+    kern(x, m, k, pw._packed, n, out.reshape(-1), b, mr * 2, 1)
     assert_close(out, x, pw.unpack(), b, True)
 
 

@@ -30,12 +30,14 @@ Kernel keys (``kernel_family("gemm_half")``)
 ``(isa, wtype, relu, has_bias, parallel, MR)``: ``isa`` from :func:`qgemm._config.get_isa`
 (``"portable"``, ``"avx2"``, ``"avxvnni"``, ``"avx512vnni"``; the tile from
 :attr:`qgemm._isa.IsaPath.half`), ``wtype`` ``"float16"`` or ``"bfloat16"``.
-Every kernel has the signature ``(x, m, k, b, n, out, bias, mrows) -> None``: ``x`` the
-``[m, k]`` float32 activations (any non-negative row stride, unit inner stride), ``b`` the
+Every kernel has the signature ``(x, m, k, b, n, out, bias, mrows, threads) -> None``: ``x``
+the ``[m, k]`` float32 activations (any non-negative row stride, unit inner stride), ``b`` the
 packed uint16 codes, ``out`` the flat C-contiguous ``[m, n]`` float32 result, ``bias`` float32
 of at least ``n`` elements (ignored without bias), ``mrows`` the rows per task (a multiple of
-``MR``).  Tasks = groups of ``GROUP`` panels x row chunks, run in a ``prange`` in the
-parallel twin.
+``MR``), ``threads`` the workers of the parallel twin (ignored by the serial one).  Tasks =
+groups of ``GROUP`` panels x row chunks; the native parallel twin runs one worker per thread,
+each taking the next task from an atomic counter (a thread slowed by a busy core takes fewer
+tasks), the portable one a static ``prange`` over the tasks.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from numba.extending import intrinsic
 from .. import _isa
 from .._cache import kernel_family
 from .._tuning import HALF_PORTABLE_KC
+from .gemm_ukernel import atomic_next
 
 PANEL = 16
 """Output columns per packed panel (all ISAs share the layout, so packing is ISA-free)."""
@@ -263,14 +266,14 @@ def _signature():
     f1 = types.Array(types.float32, 1, "C")
     u1 = types.Array(types.uint16, 1, "C")
     i64 = types.int64
-    # (x, m, k, b, n, out, bias, mrows)
-    return types.void(x2, i64, i64, u1, i64, f1, f1, i64)
+    # (x, m, k, b, n, out, bias, mrows, threads)
+    return types.void(x2, i64, i64, u1, i64, f1, f1, i64, i64)
 
 
 @kernel_family("gemm_half")
 def gemm_half_kernel(key):
     """Build the half-weight GEMM for ``key = (isa, wtype, relu, has_bias, parallel, MR)``."""
-    isa, wtype, relu, has_bias, parallel, mr_c = key
+    isa, wtype, relu, has_bias, parallel, mr_c = key[:6]
     if wtype not in WTYPES:
         raise ValueError(f"wtype: expected one of {WTYPES}, got {wtype!r}")
     _, nv_c, lanes_c = tile_shape(isa)
@@ -279,6 +282,7 @@ def gemm_half_kernel(key):
     BIAS = 1 if has_bias else 0
     NR = PANEL
     G = GROUP
+    PAR = bool(parallel)
     opts = {
         "cache": True,
         "nogil": True,
@@ -289,56 +293,65 @@ def gemm_half_kernel(key):
         return _build_portable(WT, bool(relu), bool(has_bias), opts)
 
     @numba.njit(_signature(), **opts)
-    def gemm_half(x, m, k, b, n, out, bias, mrows):
+    def gemm_half(x, m, k, b, n, out, bias, mrows, threads):
         npan = (n + NR - 1) // NR
         nfull = n // NR
         ngrp = (npan + G - 1) // G
         ntm = (m + mrows - 1) // mrows
+        ntask = ngrp * ntm
         ps = k * (2 * NR)  # bytes per panel
         lda = x.strides[0]
         ldo = n * 4
-        for t in prange(ngrp * ntm):
-            grp = t // ntm
-            i_lo = (t - grp * ntm) * mrows
-            i_hi = min(m, i_lo + mrows)
-            p_lo = grp * G
-            p_full = min(p_lo + G, nfull)  # full panels of this group: p_lo .. p_full - 1
-            for i0 in range(i_lo, i_hi, mr_c):
-                mr = min(mr_c, i_hi - i0)
-                a_off = i0 * lda
-                o_row = i0 * n
-                p = p_lo
-                # Rows 1 and 2 take several panels at once: more independent FMA chains
-                # (the same sequential sum per output, so results do not change).
-                if mr == 1:
-                    while p + 4 <= p_full:
-                        hkr(x, a_off, b, p * ps, ps, k, 1, out, (o_row + p * NR) * 4, ldo, bias,
-                            p * NR * 4, 1, 4, nv_c, lanes_c, WT, RELU, BIAS)  # fmt: skip
-                        p += 4
-                if mr <= 2:
-                    while p + 2 <= p_full:
+        # one worker per thread, each taking the next task from an atomic counter (dynamic
+        # schedule: a thread slowed by a busy core takes fewer tasks)
+        nthr = max(1, min(threads if PAR else 1, ntask))
+        counter = np.zeros(1, np.int64)
+        for _w in prange(nthr):
+            tile = np.empty(mr_c * NR, np.float32)  # the last, partial panel's tile
+            while True:
+                t = atomic_next(counter)
+                if t >= ntask:
+                    break
+                grp = t // ntm
+                i_lo = (t - grp * ntm) * mrows
+                i_hi = min(m, i_lo + mrows)
+                p_lo = grp * G
+                p_full = min(p_lo + G, nfull)  # full panels of this group: p_lo .. p_full - 1
+                for i0 in range(i_lo, i_hi, mr_c):
+                    mr = min(mr_c, i_hi - i0)
+                    a_off = i0 * lda
+                    o_row = i0 * n
+                    p = p_lo
+                    # Rows 1 and 2 take several panels at once: more independent FMA chains
+                    # (the same sequential sum per output, so results do not change).
+                    if mr == 1:
+                        while p + 4 <= p_full:
+                            hkr(x, a_off, b, p * ps, ps, k, 1, out, (o_row + p * NR) * 4, ldo,
+                                bias, p * NR * 4, 1, 4, nv_c, lanes_c, WT, RELU, BIAS)  # fmt: skip
+                            p += 4
+                    if mr <= 2:
+                        while p + 2 <= p_full:
+                            hkr(x, a_off, b, p * ps, ps, k, mr, out, (o_row + p * NR) * 4, ldo,
+                                bias, p * NR * 4, 2, 2, nv_c, lanes_c, WT, RELU, BIAS)  # fmt: skip
+                            p += 2
+                    while p < p_full:
                         hkr(x, a_off, b, p * ps, ps, k, mr, out, (o_row + p * NR) * 4, ldo,
-                            bias, p * NR * 4, 2, 2, nv_c, lanes_c, WT, RELU, BIAS)  # fmt: skip
-                        p += 2
-                while p < p_full:
-                    hkr(x, a_off, b, p * ps, ps, k, mr, out, (o_row + p * NR) * 4, ldo, bias,
-                        p * NR * 4, mr_c, 1, nv_c, lanes_c, WT, RELU, BIAS)  # fmt: skip
-                    p += 1
-                if p == nfull and p < npan and p < p_lo + G:  # last, partial panel
-                    col0 = p * NR
-                    ncols = n - col0
-                    tile = np.empty(mr_c * NR, np.float32)
-                    hkr(x, a_off, b, p * ps, ps, k, mr, tile, 0, NR * 4, bias, 0, mr_c, 1, nv_c,
-                        lanes_c, WT, 0, 0)  # fmt: skip
-                    for r in range(mr):
-                        o = o_row + r * n + col0
-                        for c in range(ncols):
-                            y = tile[r * NR + c]
-                            if BIAS:
-                                y = y + bias[col0 + c]
-                            if RELU and y < 0:
-                                y = np.float32(0.0)
-                            out[o + c] = y
+                            bias, p * NR * 4, mr_c, 1, nv_c, lanes_c, WT, RELU, BIAS)  # fmt: skip
+                        p += 1
+                    if p == nfull and p < npan and p < p_lo + G:  # last, partial panel
+                        col0 = p * NR
+                        ncols = n - col0
+                        hkr(x, a_off, b, p * ps, ps, k, mr, tile, 0, NR * 4, bias, 0, mr_c, 1,
+                            nv_c, lanes_c, WT, 0, 0)  # fmt: skip
+                        for r in range(mr):
+                            o = o_row + r * n + col0
+                            for c in range(ncols):
+                                y = tile[r * NR + c]
+                                if BIAS:
+                                    y = y + bias[col0 + c]
+                                if RELU and y < 0:
+                                    y = np.float32(0.0)
+                                out[o + c] = y
 
     return gemm_half
 
@@ -350,7 +363,7 @@ def _build_portable(WT, RELU, BIAS, opts):
     fm = {"contract"}
 
     @numba.njit(_signature(), fastmath=fm, **opts)
-    def gemm_half_portable(x, m, k, b, n, out, bias, mrows):
+    def gemm_half_portable(x, m, k, b, n, out, bias, mrows, threads):
         npan = (n + NR - 1) // NR
         ngrp = (npan + G - 1) // G
         ntm = (m + mrows - 1) // mrows
