@@ -107,6 +107,14 @@ vector, broadcasts folded into the FMAs -- leaves zmm for the scheduler (FBGEMM 
 HALF_PORTABLE_KC = 256
 """K rows of a panel widened at once on the portable path (16 KiB of float32 scratch: L1)."""
 
+HALF_PREFETCH_AVX2 = 2048
+"""Bytes ahead (64 rows of k) at which the AVX2 half-weight tile prefetches its panel when the
+call has one row tile (M <= MR: each weight is used once, streamed from L3/DRAM at 32 bytes
+per 12 FMAs).  Measured on Zen 3, one thread, same run (thread CPU time): 6x4096x2048 -20 %,
+3x4096x1024 -14 %, 5x4096x1024 -6 %, L2-resident shapes unchanged (512/1024/4096 bytes:
+less or the same); prefetching at every M (or in the 1- and 2-row wide tiles) cost 6-20 %.
+Not used on the AVX-512 paths (not measured there)."""
+
 HALF_TASKS_PER_THREAD = 4
 """Tasks (64-column panel groups x row chunks) per thread that the parallel half-weight GEMM
 aims for: its workers take tasks dynamically, so a few per thread let a thread slowed by a busy

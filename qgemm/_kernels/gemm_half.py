@@ -52,7 +52,7 @@ from numba.extending import intrinsic
 
 from .. import _isa
 from .._cache import kernel_family
-from .._tuning import HALF_PORTABLE_KC
+from .._tuning import HALF_PORTABLE_KC, HALF_PREFETCH_AVX2
 from .gemm_ukernel import atomic_next
 
 PANEL = 16
@@ -121,12 +121,17 @@ def _widen(builder, codes, lanes, wtype):
     return builder.bitcast(wide, f_t)
 
 
-def _emit_tile(builder, module, g, rows, npan, nv, lanes, wtype, relu, has_bias):
+def _emit_tile(builder, module, g, rows, npan, nv, lanes, wtype, relu, has_bias, pf):
     """One ``rows x (npan * NV * LANES)`` tile: the k loop, then bias, ReLU and the store."""
     f_t = ir.VectorType(_F32, lanes)
     c_t = ir.VectorType(_I16, lanes)
     fma = cgutils.get_or_insert_function(
         module, ir.FunctionType(f_t, [f_t, f_t, f_t]), f"llvm.fma.v{lanes}f32"
+    )
+    prefetch = cgutils.get_or_insert_function(
+        module,
+        ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]),
+        "llvm.prefetch.p0",
     )
     zero = ir.Constant(f_t, [0.0] * lanes)
     nvec = npan * nv  # vectors per row; vector q * nv + v: panel q, lanes v * LANES ...
@@ -143,6 +148,10 @@ def _emit_tile(builder, module, g, rows, npan, nv, lanes, wtype, relu, has_bias)
         ws = []
         for q in range(npan):
             bk = builder.gep(w_rows[q], [koff])
+            if pf:
+                pp = builder.gep(bk, [ir.Constant(_I64, pf)])
+                builder.call(prefetch, [pp, ir.Constant(_I32, 0), ir.Constant(_I32, 3),
+                                        ir.Constant(_I32, 1)])  # fmt: skip
             for v in range(nv):
                 ptr = builder.gep(bk, [ir.Constant(_I64, 2 * v * lanes)])
                 codes = builder.load(builder.bitcast(ptr, c_t.as_pointer()), align=1)
@@ -173,17 +182,19 @@ def _emit_tile(builder, module, g, rows, npan, nv, lanes, wtype, relu, has_bias)
 
 @intrinsic
 def hkr(typingctx, a, a_off, b, b_off, pstride, k, mr, out, o_off, ldo, bias, bias_off, MR, NPAN,
-        NV, LANES, WTYPE, RELU, BIAS):  # fmt: skip
+        NV, LANES, WTYPE, RELU, BIAS, PF):  # fmt: skip
     """``out[r, 0:C] = relu?(sum_k a[r, k] * widen(b[k, 0:C]) + bias?[0:C])`` for ``r < mr``,
     ``C = NPAN * NV * LANES`` columns from ``NPAN`` adjacent panels ``pstride`` bytes apart.
 
     ``a`` is a 2-D float32 array with a unit inner stride (its row stride is read from it);
     offsets are in bytes from each array's first element, ``ldo`` is the output row stride in
-    bytes; ``MR, NPAN, NV, LANES, WTYPE, RELU, BIAS`` are literals (``mr <= MR``: one
-    unrolled tile per row count behind a ``switch``).
+    bytes; ``MR, NPAN, NV, LANES, WTYPE, RELU, BIAS, PF`` are literals (``mr <= MR``: one
+    unrolled tile per row count behind a ``switch``).  ``PF > 0`` prefetches each panel's
+    weights ``PF`` bytes ahead of the row being read (a hint: it never faults, also past the
+    end of the buffer, and changes no result).
     """
     lits = (("MR", MR), ("NPAN", NPAN), ("NV", NV), ("LANES", LANES), ("WTYPE", WTYPE),
-            ("RELU", RELU), ("BIAS", BIAS))  # fmt: skip
+            ("RELU", RELU), ("BIAS", BIAS), ("PF", PF))  # fmt: skip
     for name, t in lits:
         if not isinstance(t, types.IntegerLiteral):
             raise TypingError(f"hkr: {name} must be an integer literal, got {t}")
@@ -201,8 +212,9 @@ def hkr(typingctx, a, a_off, b, b_off, pstride, k, mr, out, o_off, ldo, bias, bi
     mr_max, npan, nv = MR.literal_value, NPAN.literal_value, NV.literal_value
     lanes, wtype = LANES.literal_value, WTYPE.literal_value
     relu, has_bias = bool(RELU.literal_value), bool(BIAS.literal_value)
+    pf = PF.literal_value
     sig = types.void(a, a_off, b, b_off, pstride, k, mr, out, o_off, ldo, bias, bias_off, MR,
-                     NPAN, NV, LANES, WTYPE, RELU, BIAS)  # fmt: skip
+                     NPAN, NV, LANES, WTYPE, RELU, BIAS, PF)  # fmt: skip
 
     def codegen(context, builder, signature, args):
         def i64(idx):
@@ -231,7 +243,7 @@ def hkr(typingctx, a, a_off, b, b_off, pstride, k, mr, out, o_off, ldo, bias, bi
             bb = fn.append_basic_block(f"hkr.rows{rows}")
             sw.add_case(ir.Constant(_I64, rows), bb)
             builder.position_at_end(bb)
-            _emit_tile(builder, module, g, rows, npan, nv, lanes, wtype, relu, has_bias)
+            _emit_tile(builder, module, g, rows, npan, nv, lanes, wtype, relu, has_bias, pf)
             builder.branch(end)
         builder.position_at_end(end)
         return context.get_dummy_value()
@@ -273,16 +285,17 @@ def _signature():
 @kernel_family("gemm_half")
 def gemm_half_kernel(key):
     """Build the half-weight GEMM for ``key = (isa, wtype, relu, has_bias, parallel, MR)``."""
-    isa, wtype, relu, has_bias, parallel, mr_c = key[:6]
+    isa, wtype, relu, has_bias, parallel, mr_c = key
     if wtype not in WTYPES:
         raise ValueError(f"wtype: expected one of {WTYPES}, got {wtype!r}")
-    _, nv_c, lanes_c = tile_shape(isa)
+    _, NV, LN = tile_shape(isa)
     WT = _FP16 if wtype == "float16" else _BF16
     RELU = 1 if relu else 0
     BIAS = 1 if has_bias else 0
     NR = PANEL
     G = GROUP
     PAR = bool(parallel)
+    PFD = HALF_PREFETCH_AVX2 if isa == "avx2" else 0
     opts = {
         "cache": True,
         "nogil": True,
@@ -306,6 +319,7 @@ def gemm_half_kernel(key):
         # schedule: a thread slowed by a busy core takes fewer tasks)
         nthr = max(1, min(threads if PAR else 1, ntask))
         counter = np.zeros(1, np.int64)
+        once = PFD > 0 and m <= mr_c
         for _w in prange(nthr):
             tile = np.empty(mr_c * NR, np.float32)  # the last, partial panel's tile
             while True:
@@ -327,22 +341,26 @@ def gemm_half_kernel(key):
                     if mr == 1:
                         while p + 4 <= p_full:
                             hkr(x, a_off, b, p * ps, ps, k, 1, out, (o_row + p * NR) * 4, ldo,
-                                bias, p * NR * 4, 1, 4, nv_c, lanes_c, WT, RELU, BIAS)  # fmt: skip
+                                bias, p * NR * 4, 1, 4, NV, LN, WT, RELU, BIAS, 0)  # fmt: skip
                             p += 4
                     if mr <= 2:
                         while p + 2 <= p_full:
                             hkr(x, a_off, b, p * ps, ps, k, mr, out, (o_row + p * NR) * 4, ldo,
-                                bias, p * NR * 4, 2, 2, nv_c, lanes_c, WT, RELU, BIAS)  # fmt: skip
+                                bias, p * NR * 4, 2, 2, NV, LN, WT, RELU, BIAS, 0)  # fmt: skip
                             p += 2
                     while p < p_full:
-                        hkr(x, a_off, b, p * ps, ps, k, mr, out, (o_row + p * NR) * 4, ldo,
-                            bias, p * NR * 4, mr_c, 1, nv_c, lanes_c, WT, RELU, BIAS)  # fmt: skip
+                        if once:  # each weight used by this one row tile: prefetch the stream
+                            hkr(x, a_off, b, p * ps, ps, k, mr, out, (o_row + p * NR) * 4, ldo,
+                                bias, p * NR * 4, mr_c, 1, NV, LN, WT, RELU, BIAS, PFD)  # fmt: skip
+                        else:
+                            hkr(x, a_off, b, p * ps, ps, k, mr, out, (o_row + p * NR) * 4, ldo,
+                                bias, p * NR * 4, mr_c, 1, NV, LN, WT, RELU, BIAS, 0)  # fmt: skip
                         p += 1
                     if p == nfull and p < npan and p < p_lo + G:  # last, partial panel
                         col0 = p * NR
                         ncols = n - col0
                         hkr(x, a_off, b, p * ps, ps, k, mr, tile, 0, NR * 4, bias, 0, mr_c, 1,
-                            nv_c, lanes_c, WT, 0, 0)  # fmt: skip
+                            NV, LN, WT, 0, 0, 0)  # fmt: skip
                         for r in range(mr):
                             o = o_row + r * n + col0
                             for c in range(ncols):
