@@ -302,6 +302,19 @@ def test_rows_and_tiles_bit_identical(rng):
     np.testing.assert_array_equal(linear_half(x[5], pw, bias=b), full[5])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_single_row_tile_prefetch_bit_identical(dtype, rng):
+    """Calls with M <= MR take the tile that prefetches its panel ahead on AVX2 (past the next
+    panel and the buffer's end at the last one: K = 150 rows are 4800 bytes per panel); the
+    rows equal those of a larger-M call, which does not prefetch."""
+    x, w, b = _data(rng, 13, 16 * 5 + 3, 150)
+    pw = pack_weight_half(w, dtype)
+    full = linear_half(x, pw, bias=b, relu=True)
+    for m in range(1, 7):
+        np.testing.assert_array_equal(linear_half(x[:m], pw, bias=b, relu=True), full[:m])
+        np.testing.assert_array_equal(linear_half(x[7 - m : 7], pw), linear_half(x, pw)[7 - m : 7])
+
+
 def test_parallel_kernel_bit_identical(monkeypatch, rng):
     x, w, b = _data(rng, 23, 150, 37)
     pw = pack_weight_half(w, "float16")
