@@ -361,6 +361,20 @@ def test_dynamic_tasks_bit_identical(dtype, rng):
         numba.set_num_threads(old)
 
 
+@pytest.mark.parametrize("isa_name", ISAS)
+def test_serial_and_parallel_twins_differ_in_closure(isa_name):
+    """Numba's disk cache keys an entry on the bytecode and the closure's values, not on the
+    ``parallel`` option: twins with equal closures would share one entry, and whichever was
+    compiled first would serve both (a parallel kernel then runs on one thread)."""
+    mr = tile_shape(isa_name)[0]
+
+    def cells(parallel):
+        kern = gemm_half_kernel((isa_name, "float16", False, True, parallel, mr))
+        return [c.cell_contents for c in getattr(kern, "dispatcher", kern).py_func.__closure__]
+
+    assert cells(False) != cells(True)
+
+
 def test_avx512_tile_codegen(rng):
     """The AVX-512 tile (one 16-lane vector per panel, 12 rows) built for this host: LLVM
     legalises the 16-lane vectors on AVX2, so the layout logic is checked here even though

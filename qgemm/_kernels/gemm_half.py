@@ -303,7 +303,7 @@ def gemm_half_kernel(key):
         "parallel": _PRANGE_ONLY if parallel else False,
     }
     if isa == "portable":
-        return _build_portable(WT, bool(relu), bool(has_bias), opts)
+        return _build_portable(WT, bool(relu), bool(has_bias), PAR, opts)
 
     @numba.njit(_signature(), **opts)
     def gemm_half(x, m, k, b, n, out, bias, mrows, threads):
@@ -316,7 +316,10 @@ def gemm_half_kernel(key):
         lda = x.strides[0]
         ldo = n * 4
         # one worker per thread, each taking the next task from an atomic counter (dynamic
-        # schedule: a thread slowed by a busy core takes fewer tasks)
+        # schedule: a thread slowed by a busy core takes fewer tasks).  PAR must be read in
+        # the body: Numba's disk cache keys an entry on the bytecode and the closure's values,
+        # not on the ``parallel`` option, so twins with equal closures share one entry and
+        # whichever is compiled first serves both (a "parallel" kernel running on one thread).
         nthr = max(1, min(threads if PAR else 1, ntask))
         counter = np.zeros(1, np.int64)
         once = PFD > 0 and m <= mr_c
@@ -374,7 +377,7 @@ def gemm_half_kernel(key):
     return gemm_half
 
 
-def _build_portable(WT, RELU, BIAS, opts):
+def _build_portable(WT, RELU, BIAS, PAR, opts):
     NR = PANEL
     G = GROUP
     KC = HALF_PORTABLE_KC
@@ -382,6 +385,7 @@ def _build_portable(WT, RELU, BIAS, opts):
 
     @numba.njit(_signature(), fastmath=fm, **opts)
     def gemm_half_portable(x, m, k, b, n, out, bias, mrows, threads):
+        _ = PAR  # in the closure: the twins must not share a disk-cache entry (see above)
         npan = (n + NR - 1) // NR
         ngrp = (npan + G - 1) // G
         ntm = (m + mrows - 1) // mrows
