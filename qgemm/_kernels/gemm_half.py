@@ -128,11 +128,9 @@ def _emit_tile(builder, module, g, rows, npan, nv, lanes, wtype, relu, has_bias,
     fma = cgutils.get_or_insert_function(
         module, ir.FunctionType(f_t, [f_t, f_t, f_t]), f"llvm.fma.v{lanes}f32"
     )
-    prefetch = cgutils.get_or_insert_function(
-        module,
-        ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]),
-        "llvm.prefetch.p0",
-    )
+    if pf:  # declared only where used: a tile without prefetch is the IR it always was
+        pf_t = ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
+        prefetch = cgutils.get_or_insert_function(module, pf_t, "llvm.prefetch.p0")
     zero = ir.Constant(f_t, [0.0] * lanes)
     nvec = npan * nv  # vectors per row; vector q * nv + v: panel q, lanes v * LANES ...
     accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(nvec)] for _ in range(rows)]
