@@ -277,7 +277,7 @@ def test_matmul_hypothesis(m, n, k, saturate, transposed, seed):
 
 def test_matmul_parallel_path(isa, rng):
     # big enough for the parallel twin (and for row-chunk splitting with few column tiles; the
-    # last: threads take whole 64-column panels on AVX2, the last panel and tile partial)
+    # last: many column tiles, the last 64-column panel and 16-column tile partial)
     for m, n, k in [(64, 200, 100), (300, 20, 64), (7, 1000, 700)]:
         a = rng.integers(0, 256, (m, k), dtype=np.uint8)
         b = rng.integers(-128, 128, (k, n), dtype=np.int8)

@@ -17,8 +17,7 @@ the chunk is walked ``MR`` rows at a time by a register-tile microkernel (one pe
 tile in a small scratch buffer; the output stage then reads the tile once and writes the
 final values (zero-point correction, scaling, bias, ReLU, requantization).  Tasks run in a
 ``prange`` in the parallel twin of each kernel (threads split over column tiles first, then row
-chunks; with enough panels a task takes a whole panel's tiles, so each thread streams
-contiguous weight bytes); a serial twin serves small problems and one thread.
+chunks); a serial twin serves small problems and one thread.
 
 Kernel keys (``kernel_family("gemm")``)
 ---------------------------------------
@@ -362,13 +361,7 @@ def gemm_kernel(key):
         mblocks = (M + MR - 1) // MR
         chunks = max(1, min(nchunks, mblocks))
         mc = MR * ((mblocks + chunks - 1) // chunks)
-        # threads take whole panels (G tiles) when there are enough of them: each thread then
-        # streams contiguous weight bytes, not every other 64-byte line of the panels' rows
-        G = NP // NR if PAR and NP > NR else 1
-        if (nct + G - 1) // G < 4 * nthreads:
-            G = 1
-        ngr = (nct + G - 1) // G
-        ntask = ngr * chunks
+        ntask = nct * chunks
         bstride = NP * 4
         # one worker per thread, each taking the next task from an atomic counter (dynamic
         # schedule: a thread slowed by a busy core takes fewer tasks); scratch tiles
@@ -386,79 +379,75 @@ def gemm_kernel(key):
                 t = atomic_next(counter)
                 if t >= ntask:
                     break
-                cg = t // chunks
-                rc = t - cg * chunks
+                ct = t // chunks
+                rc = t - ct * chunks
                 i_start = rc * mc
                 i_stop = min(M, i_start + mc)
-                for ct in range(cg * G, min(nct, cg * G + G)):
-                    j0 = ct * NR
-                    p = j0 // NP
-                    boff = p * KG * NP * 4 + (j0 - p * NP) * 4
-                    nc = min(NR, N - j0)
-                    # per-column integer terms start the accumulators: bias - a_zp * colsum
-                    # (exact: every partial sum and the result fit int32 within the K limits of
-                    # the wrapper)
-                    init[:] = 0
-                    if not RAW:
-                        ib_t = ibias[j0 : j0 + nc]
-                        cs_t = colc[j0 : j0 + nc]
-                        for cc in range(nc):
-                            init[cc] = np.int32(np.int64(ib_t[cc]) - azp64 * np.int64(cs_t[cc]))
-                    if NATIVE:
-                        full = nc == NR
-                        for i0 in range(i_start, i_stop, MR):
-                            mr = min(MR, i_stop - i0)
-                            # full tiles are written in place; the last, partial one via tmp
-                            if full:
-                                dst = out
-                                o_off = (i0 * N + j0) * ES
-                                ldo = N * ES
-                            else:
-                                dst = tmp
-                                o_off = 0
-                                ldo = NR * ES
-                            if use_fast:
-                                _tile_fused(aq, i0, lda, b, boff, bstride, KG, init, mr, dst, o_off,
-                                            ldo, p1, p2, bzp, rowsum, j0, s1, s2, s3, MR, NV,
-                                            V_FAST, MODE)  # fmt: skip
-                            elif A16 and not WIDE:
-                                _tile_fused(aw, i0, ldaw, b, boff, bstride, KG, init, mr, dst,
-                                            o_off, ldo, p1, p2, bzp, rowsum, j0, s1, s2, s3, MR,
-                                            NV, V_EXACT, MODE)  # fmt: skip
-                            elif WIDE:
-                                boffw = p * 2 * KG * NP * 4 + (j0 - p * NP) * 4
-                                _tile_fused(aw, i0, ldaw, b16, boffw, bstride, 2 * KG, init, mr,
-                                            dst, o_off, ldo, p1, p2, bzp, rowsum, j0, s1, s2, s3,
-                                            MR, NV, V_EXACT, MODE)  # fmt: skip
-                            else:
-                                _tile_fused(aq, i0, lda, b, boff, bstride, KG, init, mr, dst, o_off,
-                                            ldo, p1, p2, bzp, rowsum, j0, s1, s2, s3, MR, NV,
-                                            V_EXACT, MODE)  # fmt: skip
-                            if not full:
-                                for r in range(mr):
-                                    out[i0 + r, j0 : j0 + nc] = tmp[r, :nc]
-                        continue
-                    p1_t = p1[j0 : j0 + nc]
-                    p2_t = p2[j0 : j0 + nc]
-                    bz_t = bzp[j0 : j0 + nc]
+                j0 = ct * NR
+                p = j0 // NP
+                boff = p * KG * NP * 4 + (j0 - p * NP) * 4
+                nc = min(NR, N - j0)
+                # per-column integer terms start the accumulators: bias - a_zp * colsum (exact:
+                # every partial sum and the result fit int32 within the K limits of the wrapper)
+                init[:] = 0
+                if not RAW:
+                    ib_t = ibias[j0 : j0 + nc]
+                    cs_t = colc[j0 : j0 + nc]
+                    for cc in range(nc):
+                        init[cc] = np.int32(np.int64(ib_t[cc]) - azp64 * np.int64(cs_t[cc]))
+                if NATIVE:
+                    full = nc == NR
                     for i0 in range(i_start, i_stop, MR):
                         mr = min(MR, i_stop - i0)
-                        if use_fast:
-                            _tile(aq, i0, lda, b, boff, bstride, KG, scratch, init, mr, MR, NV,
-                                  V_FAST)  # fmt: skip
+                        # full tiles are written in place; the last, partial one via tmp
+                        if full:
+                            dst = out
+                            o_off = (i0 * N + j0) * ES
+                            ldo = N * ES
                         else:
-                            _tile(aq, i0, lda, b, boff, bstride, KG, scratch, init, mr, MR, NV,
-                                  V_EXACT)  # fmt: skip
-                        for r in range(mr):
-                            i = i0 + r
-                            sv = scratch[r * NR : r * NR + nc]
-                            ov = out[i, j0 : j0 + nc]
-                            if RAW:
-                                ov[:] = sv
-                            elif FLOAT:
-                                ep_float(sv, ov, p1_t, p2_t, s1, s2, rowsum[i], bz_t, has_bzp)
-                            else:
-                                ep_requant(sv, ov, p1_t, p2_t, s1, s2, s3, rowsum[i], bz_t, has_bzp)
+                            dst = tmp
+                            o_off = 0
+                            ldo = NR * ES
+                        if use_fast:
+                            _tile_fused(aq, i0, lda, b, boff, bstride, KG, init, mr, dst, o_off,
+                                        ldo, p1, p2, bzp, rowsum, j0, s1, s2, s3, MR, NV,
+                                        V_FAST, MODE)  # fmt: skip
+                        elif A16 and not WIDE:
+                            _tile_fused(aw, i0, ldaw, b, boff, bstride, KG, init, mr, dst, o_off,
+                                        ldo, p1, p2, bzp, rowsum, j0, s1, s2, s3, MR, NV,
+                                        V_EXACT, MODE)  # fmt: skip
+                        elif WIDE:
+                            boffw = p * 2 * KG * NP * 4 + (j0 - p * NP) * 4
+                            _tile_fused(aw, i0, ldaw, b16, boffw, bstride, 2 * KG, init, mr, dst,
+                                        o_off, ldo, p1, p2, bzp, rowsum, j0, s1, s2, s3, MR, NV,
+                                        V_EXACT, MODE)  # fmt: skip
+                        else:
+                            _tile_fused(aq, i0, lda, b, boff, bstride, KG, init, mr, dst, o_off,
+                                        ldo, p1, p2, bzp, rowsum, j0, s1, s2, s3, MR, NV,
+                                        V_EXACT, MODE)  # fmt: skip
+                        if not full:
+                            for r in range(mr):
+                                out[i0 + r, j0 : j0 + nc] = tmp[r, :nc]
+                    continue
+                p1_t = p1[j0 : j0 + nc]
+                p2_t = p2[j0 : j0 + nc]
+                bz_t = bzp[j0 : j0 + nc]
+                for i0 in range(i_start, i_stop, MR):
+                    mr = min(MR, i_stop - i0)
+                    if use_fast:
+                        _tile(aq, i0, lda, b, boff, bstride, KG, scratch, init, mr, MR, NV, V_FAST)
+                    else:
+                        _tile(aq, i0, lda, b, boff, bstride, KG, scratch, init, mr, MR, NV, V_EXACT)
+                    for r in range(mr):
+                        i = i0 + r
+                        sv = scratch[r * NR : r * NR + nc]
+                        ov = out[i, j0 : j0 + nc]
+                        if RAW:
+                            ov[:] = sv
+                        elif FLOAT:
+                            ep_float(sv, ov, p1_t, p2_t, s1, s2, rowsum[i], bz_t, has_bzp)
+                        else:
+                            ep_requant(sv, ov, p1_t, p2_t, s1, s2, s3, rowsum[i], bz_t, has_bzp)
         return -1
 
     return gemm
