@@ -158,6 +158,31 @@ def test_random_is_reproducible(model):
     assert np.abs(model.tables[1]).max() <= bound
 
 
+def test_interaction_twins_have_their_own_disk_cache_entries(rng):
+    """Numba's disk cache keys an entry on bytecode and closure values, not on the njit
+    options: the serial, parallel and strict-float interaction kernels must differ in their
+    closures (else the first compiled serves all), and give the same numbers."""
+    from qgemm._kernels.dlrm import interaction_kernel
+
+    flags = frozenset({"contract", "nsz"})
+    keys = [(False, flags, False), (False, flags, True), (False, False, True)]
+    kerns = [interaction_kernel(k) for k in keys]
+    cells = [repr([c.cell_contents for c in k.py_func.__closure__]) for k in kerns]
+    assert len(set(cells)) == len(keys), cells
+    x = rng.standard_normal((5, 4)).astype(np.float32)
+    emb = rng.standard_normal((3, 5, 4)).astype(np.float32)
+    outs = []
+    for k in kerns:
+        out = np.zeros((5, 4 + 6), np.float32)
+        k(x, emb, out)
+        outs.append(out)
+    feats = [x, *emb]  # pairs (i, j < i) in order, each a per-sample dot product
+    dots = [np.einsum("bt,bt->b", feats[i], feats[j]) for i in range(4) for j in range(i)]
+    ref = np.concatenate([x, np.stack(dots, 1)], 1)
+    for out in outs:
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_random_table_independent_of_threads():
     old = qgemm.set_num_threads(1)
     try:

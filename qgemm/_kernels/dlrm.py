@@ -64,9 +64,15 @@ def interaction_kernel(key):
         fastmath = set(fastmath)  # numba wants a bool, dict or set
     extra = 1 if self_interaction else 0
     sig = types.void(types.float32[:, ::1], types.float32[:, :, ::1], types.float32[:, ::1])
+    # Numba's disk cache keys an entry on the bytecode and the closure's values, not on the
+    # njit options: the body reads OPTIONS so each (parallel, fastmath) twin has its own entry
+    # (otherwise the first one compiled would serve them all).
+    OPTIONS = repr((bool(parallel), sorted(fastmath) if isinstance(fastmath, set) else fastmath))
 
     @numba.njit(sig, parallel=parallel, cache=True, nogil=True, fastmath=fastmath)
     def kern(x, emb, out):  # pragma: no cover - compiled
+        if len(OPTIONS) == 0:  # never true: ties the cache entry to the options
+            return
         batch, d = x.shape
         n = emb.shape[0] + 1
         for b in prange(batch):
