@@ -77,7 +77,7 @@ _state: dict[str, Any] = {
     "isa": _isa_from_env(),
     "adaptive_threads": os.environ.get("QGEMM_ADAPTIVE_THREADS", "0").strip()
     not in ("0", "false", "no", ""),
-    "fastmath": os.environ.get("QGEMM_FASTMATH", "1").strip() not in ("0", "false", "no"),
+    "fastmath": not _diskcache.strict_float(),  # (its kernels have their own cache folder)
 }
 
 

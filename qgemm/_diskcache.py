@@ -34,7 +34,16 @@ from dataclasses import dataclass
 
 import numba
 
-__all__ = ["CacheDir", "resolve", "location", "clear", "looks_like_cache", "MARKER"]
+__all__ = [
+    "CacheDir",
+    "resolve",
+    "location",
+    "clear",
+    "looks_like_cache",
+    "strict_float",
+    "numba_dir",
+    "MARKER",
+]
 
 MARKER = ".qgemm-kernel-cache"
 """File written at the top of the folders qgemm creates; ``cache clear`` trusts it."""
@@ -138,8 +147,26 @@ def resolve(env: Mapping[str, str] | None = None) -> CacheDir:
     return CacheDir(tmp, "temporary", False, reason)
 
 
+STRICT_FLOAT_SUBDIR = "strict-float"
+"""Sub-folder of the cache folder holding the kernels built with ``QGEMM_FASTMATH=0``."""
+
+
+def strict_float(env: Mapping[str, str] | None = None) -> bool:
+    """Whether ``QGEMM_FASTMATH`` turns the relaxed float flags off (read once per process)."""
+    env = os.environ if env is None else env
+    return env.get("QGEMM_FASTMATH", "1").strip().lower() in ("0", "false", "no")
+
+
+def numba_dir(cache: CacheDir, strict: bool) -> str:
+    """The folder Numba writes to: strict-float kernels get a sub-folder of their own, since
+    Numba keys a cache entry on bytecode and closure values, not on the ``fastmath`` option
+    (a kernel built with the relaxed flags would otherwise be loaded under
+    ``QGEMM_FASTMATH=0``, or the other way round)."""
+    return os.path.join(cache.path, STRICT_FLOAT_SUBDIR) if strict else cache.path
+
+
 _current: CacheDir = resolve()
-numba.config.CACHE_DIR = _current.path  # type: ignore[attr-defined]
+numba.config.CACHE_DIR = numba_dir(_current, strict_float())  # type: ignore[attr-defined]
 
 
 def location() -> CacheDir:
@@ -194,7 +221,9 @@ def clear(path: str | None = None) -> tuple[str, int]:
     removed = 0
     for entry in os.listdir(path):
         full = os.path.join(path, entry)
-        if entry == MARKER or (not ours and entry not in own_subpaths):
+        if entry == MARKER or (
+            not ours and entry not in own_subpaths and entry != STRICT_FLOAT_SUBDIR
+        ):
             continue
         if os.path.isdir(full) and not os.path.islink(full):
             removed += sum(len(fs) for _r, _d, fs in os.walk(full))

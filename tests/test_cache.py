@@ -121,6 +121,37 @@ def test_disk_cache_makes_second_process_fast(tmp_path):
     assert warm < cold
 
 
+def test_strict_float_kernels_have_their_own_folder(tmp_path):
+    """``QGEMM_FASTMATH=0`` kernels go to a sub-folder: Numba keys a disk-cache entry on
+    bytecode and closure, not on the fastmath option, so one folder would hand a relaxed-flag
+    kernel to a strict process.  ``cache clear`` empties the sub-folder too."""
+    import os
+
+    from qgemm import _diskcache
+
+    assert _diskcache.strict_float({"QGEMM_FASTMATH": "0"})
+    assert _diskcache.strict_float({"QGEMM_FASTMATH": "False"})
+    assert not _diskcache.strict_float({}) and not _diskcache.strict_float({"QGEMM_FASTMATH": "1"})
+    code = (
+        "import numba, numpy as np, qgemm\n"
+        "from qgemm import _config, _diskcache\n"
+        "qgemm.embedding_bag(np.ones((4, 8), np.float32), np.array([0, 1]), np.array([0]))\n"
+        "print(numba.config.CACHE_DIR, _diskcache.location().path, _config.fastmath_flags())\n"
+    )
+    out = {}
+    for fm in ("0", "1"):
+        env = {**os.environ, "QGEMM_CACHE_DIR": str(tmp_path), "QGEMM_FASTMATH": fm,
+               "QGEMM_JIT": "eager"}  # fmt: skip
+        out[fm] = subprocess.check_output([sys.executable, "-c", code], env=env, text=True).split()
+    assert out["0"][0] == os.path.join(str(tmp_path), "strict-float") and out["0"][2] == "False"
+    assert out["1"][0] == out["1"][1] == out["0"][1] == str(tmp_path) and out["1"][2] != "False"
+    strict = tmp_path / "strict-float"
+    assert any(strict.rglob("*.nbi")), "no strict-float kernel written to its sub-folder"
+    assert any(p for p in tmp_path.rglob("*.nbi") if strict not in p.parents)
+    _diskcache.clear(str(tmp_path))
+    assert not any(tmp_path.rglob("*.nbi"))
+
+
 # --------------------------------------------------------------------------- tiers
 
 _tier_builds: list = []
