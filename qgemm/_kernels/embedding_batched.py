@@ -64,6 +64,7 @@ from .embedding import (
 from .embedding_ir import (
     OP_IDS,
     SRC_IDS,
+    fetch_add,
     fmax,
     load_f16,
     load_f32,
@@ -134,22 +135,6 @@ def borrow(typingctx, arr):
         return ary._getvalue()
 
     return arr(arr), codegen
-
-
-@intrinsic
-def fetch_add(typingctx, arr, index, value):
-    """Atomically add ``value`` to ``arr[index]`` (an int64 array) and return its old value
-    (``atomicrmw add``, sequentially consistent): the task counter that the threads of a
-    parallel region share.  ``index`` must be in range."""
-    if not isinstance(arr, types.Array) or arr.dtype != types.int64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        ptr = builder.gep(ary.data, [args[1]])
-        return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
-
-    return types.int64(arr, types.intp, types.int64), codegen
 
 
 def pool_bag(

@@ -21,6 +21,7 @@ __all__ = [
     "OP_IDS",
     "SRC_IDS",
     "address_mod",
+    "fetch_add",
     "fmax",
     "half_to_float",
     "load_f16",
@@ -28,6 +29,7 @@ __all__ = [
     "prefetch",
     "row_view",
     "stack_array",
+    "thread_count",
     "vec_row",
     "vec_store_row",
     "vec_store_shifted",
@@ -108,6 +110,38 @@ def address_mod(typingctx, arr, modulus):
         ary = context.make_array(signature.args[0])(context, builder, args[0])
         addr = builder.ptrtoint(ary.data, args[1].type)
         return builder.and_(addr, builder.sub(args[1], ir.Constant(args[1].type, 1)))
+
+    return sig, codegen
+
+
+@intrinsic
+def fetch_add(typingctx, arr, index, value):
+    """Atomically add ``value`` to ``arr[index]`` (an int64 array) and return its old value
+    (``atomicrmw add``, sequentially consistent): the task counter that the threads of a
+    parallel region share.  ``index`` must be in range."""
+    if not isinstance(arr, types.Array) or arr.dtype != types.int64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.gep(ary.data, [args[1]])
+        return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
+
+    return types.int64(arr, types.intp, types.int64), codegen
+
+
+@intrinsic
+def thread_count(typingctx):
+    """Numba's thread count for the calling thread (``numba.get_num_threads()``), called by
+    its symbol as numba's own parallel regions do -- ``numba.get_num_threads`` compiled in
+    holds a function pointer, which keeps a kernel out of the on-disk cache.  Only in a
+    ``parallel=True`` kernel (whose loading starts the threading layer)."""
+    sig = types.intp()
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.IntType(64), [])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "get_num_threads")
+        return builder.call(fn, [])
 
     return sig, codegen
 
