@@ -55,13 +55,6 @@ are read with aligned vector loads from 16 bytes before each row, the extra lane
 the store: no load straddles two cache lines (measured 5-17 % faster than the split loads
 on the 100k x 32 and 1M x 64 bench configs, one thread, same run)."""
 
-EMBEDDING_CHUNKS_PER_THREAD = 4
-"""Chunks of bags per thread in a parallel embedding-bag call.  The threads take chunks from a
-shared counter, so a thread slowed down by another process (a 2-core box that also compiles)
-hands its remaining chunks to the others; 4 bounds the leftover imbalance to about a quarter
-of one thread's share at one atomic add per chunk.  Chosen by that reasoning, as
-``EMBEDDING_BATCHED_TASKS_PER_THREAD`` (on the busy box timings did not resolve it)."""
-
 # ------------------------------------------------------------------------------- DLRM
 
 INTERACTION_PARALLEL_MIN_MACS = 1 << 17

@@ -22,12 +22,8 @@ prevalidate)``:
     vector IR (:func:`vec_row`); the generic one uses scalar loops that LLVM vectorises,
     accumulating in ``out``.
 ``parallel``
-    Parallel over bags or serial (small calls, where the cost of waking the worker threads
-    is larger than the work).  A parallel kernel cuts the bags into
-    :data:`qgemm._tuning.EMBEDDING_CHUNKS_PER_THREAD` chunks per thread, which the threads of
-    one ``prange`` take from a shared atomic counter (:func:`fetch_add`) until none is left:
-    a thread slowed down by another process does fewer chunks instead of holding up a fixed
-    half.  A bag's arithmetic does not depend on which thread pools it.
+    Parallel over bags (``prange``) or serial (small calls, where the cost of waking the
+    worker threads is larger than the work).
 
 Every kernel first *validates* the bag boundaries (offsets or lengths), then, with
 ``prevalidate``, the index range in one vectorised min/max pass, and only then writes ``out``:
@@ -74,7 +70,6 @@ from numba.np.arrayobj import populate_array
 from .._cache import kernel_family
 from .._config import fastmath_flags
 from .._tuning import EMBEDDING_ALIGNED_LOADS as ALIGNED_LOADS
-from .._tuning import EMBEDDING_CHUNKS_PER_THREAD as CHUNKS_PER_THREAD
 from .._tuning import EMBEDDING_PREFETCH as PREFETCH
 from .._tuning import EMBEDDING_PREFETCH_ALL_LINES as PREFETCH_ALL_LINES
 from .._tuning import EMBEDDING_PREFETCH_TAIL as PREFETCH_TAIL
@@ -94,7 +89,6 @@ from .embedding_ir import (
     OP_IDS,
     SRC_IDS,
     address_mod,
-    fetch_add,
     fmax,
     half_to_float,
     load_f16,
@@ -102,7 +96,6 @@ from .embedding_ir import (
     prefetch,
     row_view,
     stack_array,
-    thread_count,
     vec_row,
     vec_store_row,
     vec_store_shifted,
@@ -299,8 +292,7 @@ def embedding_bag_kernel(key):
     ACC_SH = DIM + VBYTES // 4 if SHIFTABLE else max(ACC, 1)
     ACC_ALLOC = max(ACC, ACC_SH)
     SH_BYTES = _TABLE_OFFSET if SHIFTABLE else 0
-    PAR = bool(parallel)
-    loop = prange if PAR else range
+    loop = prange if parallel else range
     sig = signature(key)
     fastmath = fastmath_flags()
     if not isinstance(fastmath, bool):
@@ -361,225 +353,197 @@ def embedding_bag_kernel(key):
                     if v < 0 or v >= rows:
                         return (BAD_INDEX, i, v)
         # ---- compute: one bag per iteration ----
-        # Bags in chunks that the threads take from a shared atomic counter until none is
-        # left (numba's prange splits statically: a thread slowed down by another process
-        # would hold its whole share); which thread pools a bag changes none of its bits.
-        nchunks = 1
-        workers = 1
-        if PAR:
-            nth = max(thread_count(), 1)
-            nchunks = max(1, min(bags, nth * CHUNKS_PER_THREAD))
-            workers = min(nth, nchunks)
-        counter = np.zeros(16, np.int64)  # element 8: a line of its own
-        # invalid indices met per chunk (inline validation only); summed after the region
-        chunk_bad = np.zeros(nchunks, np.int64)
-        for _wk in loop(workers):
-            while True:
-                ch = fetch_add(counter, 8, 1)
-                if ch >= nchunks:
-                    break
-                nbad_ch = 0
-                for b in range(ch * bags // nchunks, (ch + 1) * bags // nchunks):
-                    if BY_LENGTHS:
-                        s = starts[b]
-                        e = starts[b + 1]
+        nbad = 0  # invalid indices met (inline validation only; a reduction over bags)
+        for b in loop(bags):
+            if BY_LENGTHS:
+                s = starts[b]
+                e = starts[b + 1]
+            else:
+                s = np.int64(offs[b])
+                e = np.int64(offs[b + 1]) if b + 1 < n_offs else n
+            orow = out_row(out, b)
+            if VEC:
+                # ---- specialised: vector updates of a register-resident accumulator ----
+                acc = stack_array(ACC_ALLOC)
+                if not MODE_MAX:
+                    if SHIFTABLE and shifted:
+                        vec_row(acc, 0, table, 0, ONE, ZERO, 0, False, SRC, OP_ZERO, ACC_SH)
                     else:
-                        s = np.int64(offs[b])
-                        e = np.int64(offs[b + 1]) if b + 1 < n_offs else n
-                    orow = out_row(out, b)
-                    if VEC:
-                        # ---- specialised: vector updates of a register-resident accumulator ----
-                        acc = stack_array(ACC_ALLOC)
-                        if not MODE_MAX:
-                            if SHIFTABLE and shifted:
-                                vec_row(acc, 0, table, 0, ONE, ZERO, 0, False, SRC, OP_ZERO, ACC_SH)
-                            else:
-                                for p in range(PER):
-                                    vec_row(
-                                        acc, p * CB, table, 0, ONE, ZERO, 0, False, SRC, OP_ZERO, CB
-                                    )
-                        cnt = 0
-                        bsum = ZERO  # sum of the (weighted) biases of the rows added (codes)
-                        for k in range(s, e):
-                            if HAS_PF:
-                                kp = np.uint64(min(k + PF, n - 1))
-                                pfirst = np.int64(indices[kp]) * row_bytes
-                                prefetch(table, pfirst)
-                                if PF_ALL:  # every line of the row (rows need not be aligned)
-                                    for c in range(LINE, NEED, LINE):  # constant trip count
-                                        prefetch(table, pfirst + c)
-                                    if PF_TAIL and NEED > 1:
-                                        prefetch(table, pfirst + NEED - 1)
-                            r = np.int64(indices[np.uint64(k)])
-                            if not PREVALIDATE and np.uint64(r) >= np.uint64(rows):
-                                # checked inline; reported (first position) after the loop
-                                nbad_ch += 1
-                                continue
-                            if r == pad:
-                                continue
-                            first = cnt == 0
-                            cnt += 1
-                            if WEIGHTED:
-                                w = weights[np.uint64(k)]
-                            else:
-                                w = ONE
-                            base = r * row_bytes
-                            if QUANT:
-                                if Q8:
-                                    a = load_f32(table, base + CB)
-                                    z = load_f32(table, base + CB + 4)
-                                else:
-                                    a = load_f16(table, base + CB)
-                                    z = load_f16(table, base + CB + 2)
-                                if WEIGHTED:
-                                    a = a * w
-                                    z = z * w
-                                bsum += z
-                            else:
-                                a = w
-                                z = ZERO
-                            if SHIFTABLE and shifted:
-                                sb = base - SH_BYTES
-                                vec_row(acc, 0, table, sb, a, z, 0, first, SRC, OP_ROW, ACC_SH)
-                            else:
-                                for p in range(PER):
-                                    pb = p * BITS
-                                    vec_row(
-                                        acc, p * CB, table, base, a, z, pb, first, SRC, OP_ROW, CB
-                                    )
-                        if MODE_MAX and cnt == 0:
-                            if SHIFTABLE and shifted:
-                                vec_row(acc, 0, table, 0, ONE, ZERO, 0, False, SRC, OP_ZERO, ACC_SH)
-                            else:
-                                for p in range(PER):
-                                    vec_row(
-                                        acc, p * CB, table, 0, ONE, ZERO, 0, False, SRC, OP_ZERO, CB
-                                    )
-                        scale = ONE
-                        if MODE_MEAN and cnt > 1:
-                            scale = ONE / np.float32(cnt)
-                        if MODE_MAX:
-                            bsum = ZERO
-                        if SHIFTABLE and shifted:
-                            vec_store_shifted(orow, acc, bsum, scale, SHIFT, ACC_SH, DIM)
-                        else:
-                            vec_store_row(orow, acc, CB, bsum, scale, PER, CB)
-                        continue
-                    # ---- generic dim: scalar loops (accumulating in out, or in code planes) ----
-                    if QN:
-                        acc = np.empty(cb * PER, np.float32)
-                    else:
-                        acc = orow
-                    na = cb * PER if QUANT else dim
-                    if not MODE_MAX:
-                        for j in range(na):
-                            acc[j] = np.float32(0.0)
-                    cnt = 0
-                    for k in range(s, e):
-                        if HAS_PF:
-                            kp = np.uint64(min(k + PF, n - 1))
-                            pfirst = np.int64(indices[kp]) * row_bytes
-                            prefetch(table, pfirst)
-                            if PF_ALL:
-                                for c in range(LINE, need, LINE):
-                                    prefetch(table, pfirst + c)
-                        r = np.int64(indices[np.uint64(k)])
-                        if not PREVALIDATE and np.uint64(r) >= np.uint64(rows):
-                            nbad_ch += 1
-                            continue
-                        if r == pad:
-                            continue
-                        base = r * row_stride
-                        first = MODE_MAX and cnt == 0
-                        cnt += 1
-                        if WEIGHTED:
-                            w = weights[np.uint64(k)]
-                        else:
-                            w = np.float32(1.0)
-                        if QUANT:
-                            if Q8:
-                                sc = load_f32(table, base + cb)
-                                bi = load_f32(table, base + cb + 4)
-                            else:
-                                sc = load_f16(table, base + cb)
-                                bi = load_f16(table, base + cb + 2)
-                            if WEIGHTED:
-                                sc = sc * w
-                                bi = bi * w
-                            row = row_view(table, base, cb)
-                            for p in range(PER):
-                                plane = acc[p * cb : (p + 1) * cb]
-                                shift = np.uint8(p * BITS)
-                                if first:
-                                    for j in range(cb):
-                                        code = (row[j] >> shift) & np.uint8(MASK)
-                                        plane[j] = sc * np.float32(code) + bi
-                                elif MODE_MAX:
-                                    for j in range(cb):
-                                        code = (row[j] >> shift) & np.uint8(MASK)
-                                        plane[j] = fmax(plane[j], sc * np.float32(code) + bi)
-                                else:
-                                    for j in range(cb):
-                                        code = (row[j] >> shift) & np.uint8(MASK)
-                                        plane[j] += sc * np.float32(code) + bi
-                        else:
-                            row = row_view(table, base, dim)
-                            if F16:
-                                if first:
-                                    for j in range(dim):
-                                        acc[j] = half_to_float(row[j])
-                                elif MODE_MAX:
-                                    for j in range(dim):
-                                        acc[j] = fmax(acc[j], half_to_float(row[j]))
-                                elif WEIGHTED:
-                                    for j in range(dim):
-                                        acc[j] += w * half_to_float(row[j])
-                                else:
-                                    for j in range(dim):
-                                        acc[j] += half_to_float(row[j])
-                            else:
-                                if first:
-                                    for j in range(dim):
-                                        acc[j] = row[j]
-                                elif MODE_MAX:
-                                    for j in range(dim):
-                                        acc[j] = fmax(acc[j], row[j])
-                                elif WEIGHTED:
-                                    for j in range(dim):
-                                        acc[j] += w * row[j]
-                                else:
-                                    for j in range(dim):
-                                        acc[j] += row[j]
-                    # ---- finish the bag: mean, empty max bags, planes -> elements ----
-                    if MODE_MAX and cnt == 0:
-                        for j in range(na):
-                            acc[j] = np.float32(0.0)
-                    scale = np.float32(1.0)
-                    if MODE_MEAN and cnt > 1:
-                        scale = np.float32(1.0) / np.float32(cnt)
-                    if QN:
                         for p in range(PER):
+                            vec_row(acc, p * CB, table, 0, ONE, ZERO, 0, False, SRC, OP_ZERO, CB)
+                cnt = 0
+                bsum = ZERO  # sum of the (weighted) biases of the rows added (codes)
+                for k in range(s, e):
+                    if HAS_PF:
+                        kp = np.uint64(min(k + PF, n - 1))
+                        pfirst = np.int64(indices[kp]) * row_bytes
+                        prefetch(table, pfirst)
+                        if PF_ALL:  # every line of the row (rows need not be aligned)
+                            for c in range(LINE, NEED, LINE):  # constant trip count
+                                prefetch(table, pfirst + c)
+                            if PF_TAIL and NEED > 1:
+                                prefetch(table, pfirst + NEED - 1)
+                    r = np.int64(indices[np.uint64(k)])
+                    if not PREVALIDATE and np.uint64(r) >= np.uint64(rows):
+                        nbad += 1  # checked inline; reported (first position) after the loop
+                        continue
+                    if r == pad:
+                        continue
+                    first = cnt == 0
+                    cnt += 1
+                    if WEIGHTED:
+                        w = weights[np.uint64(k)]
+                    else:
+                        w = ONE
+                    base = r * row_bytes
+                    if QUANT:
+                        if Q8:
+                            a = load_f32(table, base + CB)
+                            z = load_f32(table, base + CB + 4)
+                        else:
+                            a = load_f16(table, base + CB)
+                            z = load_f16(table, base + CB + 2)
+                        if WEIGHTED:
+                            a = a * w
+                            z = z * w
+                        bsum += z
+                    else:
+                        a = w
+                        z = ZERO
+                    if SHIFTABLE and shifted:
+                        sb = base - SH_BYTES
+                        vec_row(acc, 0, table, sb, a, z, 0, first, SRC, OP_ROW, ACC_SH)
+                    else:
+                        for p in range(PER):
+                            pb = p * BITS
+                            vec_row(acc, p * CB, table, base, a, z, pb, first, SRC, OP_ROW, CB)
+                if MODE_MAX and cnt == 0:
+                    if SHIFTABLE and shifted:
+                        vec_row(acc, 0, table, 0, ONE, ZERO, 0, False, SRC, OP_ZERO, ACC_SH)
+                    else:
+                        for p in range(PER):
+                            vec_row(acc, p * CB, table, 0, ONE, ZERO, 0, False, SRC, OP_ZERO, CB)
+                scale = ONE
+                if MODE_MEAN and cnt > 1:
+                    scale = ONE / np.float32(cnt)
+                if MODE_MAX:
+                    bsum = ZERO
+                if SHIFTABLE and shifted:
+                    vec_store_shifted(orow, acc, bsum, scale, SHIFT, ACC_SH, DIM)
+                else:
+                    vec_store_row(orow, acc, CB, bsum, scale, PER, CB)
+                continue
+            # ---- generic dim: scalar loops (accumulating in out, or in code planes) ----
+            if QN:
+                acc = np.empty(cb * PER, np.float32)
+            else:
+                acc = orow
+            na = cb * PER if QUANT else dim
+            if not MODE_MAX:
+                for j in range(na):
+                    acc[j] = np.float32(0.0)
+            cnt = 0
+            for k in range(s, e):
+                if HAS_PF:
+                    kp = np.uint64(min(k + PF, n - 1))
+                    pfirst = np.int64(indices[kp]) * row_bytes
+                    prefetch(table, pfirst)
+                    if PF_ALL:
+                        for c in range(LINE, need, LINE):
+                            prefetch(table, pfirst + c)
+                r = np.int64(indices[np.uint64(k)])
+                if not PREVALIDATE and np.uint64(r) >= np.uint64(rows):
+                    nbad += 1
+                    continue
+                if r == pad:
+                    continue
+                base = r * row_stride
+                first = MODE_MAX and cnt == 0
+                cnt += 1
+                if WEIGHTED:
+                    w = weights[np.uint64(k)]
+                else:
+                    w = np.float32(1.0)
+                if QUANT:
+                    if Q8:
+                        sc = load_f32(table, base + cb)
+                        bi = load_f32(table, base + cb + 4)
+                    else:
+                        sc = load_f16(table, base + cb)
+                        bi = load_f16(table, base + cb + 2)
+                    if WEIGHTED:
+                        sc = sc * w
+                        bi = bi * w
+                    row = row_view(table, base, cb)
+                    for p in range(PER):
+                        plane = acc[p * cb : (p + 1) * cb]
+                        shift = np.uint8(p * BITS)
+                        if first:
                             for j in range(cb):
-                                d = j * PER + p
-                                if d < dim:
-                                    if MODE_MEAN:
-                                        orow[d] = acc[p * cb + j] * scale
-                                    else:
-                                        orow[d] = acc[p * cb + j]
-                    elif VEC:
-                        if MODE_MEAN:
+                                code = (row[j] >> shift) & np.uint8(MASK)
+                                plane[j] = sc * np.float32(code) + bi
+                        elif MODE_MAX:
+                            for j in range(cb):
+                                code = (row[j] >> shift) & np.uint8(MASK)
+                                plane[j] = fmax(plane[j], sc * np.float32(code) + bi)
+                        else:
+                            for j in range(cb):
+                                code = (row[j] >> shift) & np.uint8(MASK)
+                                plane[j] += sc * np.float32(code) + bi
+                else:
+                    row = row_view(table, base, dim)
+                    if F16:
+                        if first:
                             for j in range(dim):
-                                orow[j] = acc[j] * scale
+                                acc[j] = half_to_float(row[j])
+                        elif MODE_MAX:
+                            for j in range(dim):
+                                acc[j] = fmax(acc[j], half_to_float(row[j]))
+                        elif WEIGHTED:
+                            for j in range(dim):
+                                acc[j] += w * half_to_float(row[j])
                         else:
                             for j in range(dim):
-                                orow[j] = acc[j]
-                    elif MODE_MEAN:
-                        for j in range(dim):
-                            orow[j] *= scale
-                chunk_bad[ch] = nbad_ch
-        nbad = 0
-        for ch in range(nchunks):
-            nbad += chunk_bad[ch]
+                                acc[j] += half_to_float(row[j])
+                    else:
+                        if first:
+                            for j in range(dim):
+                                acc[j] = row[j]
+                        elif MODE_MAX:
+                            for j in range(dim):
+                                acc[j] = fmax(acc[j], row[j])
+                        elif WEIGHTED:
+                            for j in range(dim):
+                                acc[j] += w * row[j]
+                        else:
+                            for j in range(dim):
+                                acc[j] += row[j]
+            # ---- finish the bag: mean, empty max bags, planes -> elements ----
+            if MODE_MAX and cnt == 0:
+                for j in range(na):
+                    acc[j] = np.float32(0.0)
+            scale = np.float32(1.0)
+            if MODE_MEAN and cnt > 1:
+                scale = np.float32(1.0) / np.float32(cnt)
+            if QN:
+                for p in range(PER):
+                    for j in range(cb):
+                        d = j * PER + p
+                        if d < dim:
+                            if MODE_MEAN:
+                                orow[d] = acc[p * cb + j] * scale
+                            else:
+                                orow[d] = acc[p * cb + j]
+            elif VEC:
+                if MODE_MEAN:
+                    for j in range(dim):
+                        orow[j] = acc[j] * scale
+                else:
+                    for j in range(dim):
+                        orow[j] = acc[j]
+            elif MODE_MEAN:
+                for j in range(dim):
+                    orow[j] *= scale
         if not PREVALIDATE and not BY_LENGTHS and bags < n_offs:
             # indices after the final offset belong to no bag; they are checked all the same
             for i in range(np.int64(offs[bags]), n):

@@ -29,7 +29,6 @@ __all__ = [
     "prefetch",
     "row_view",
     "stack_array",
-    "thread_count",
     "vec_row",
     "vec_store_row",
     "vec_store_shifted",
@@ -128,22 +127,6 @@ def fetch_add(typingctx, arr, index, value):
         return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
 
     return types.int64(arr, types.intp, types.int64), codegen
-
-
-@intrinsic
-def thread_count(typingctx):
-    """Numba's thread count for the calling thread (``numba.get_num_threads()``), called by
-    its symbol as numba's own parallel regions do -- ``numba.get_num_threads`` compiled in
-    holds a function pointer, which keeps a kernel out of the on-disk cache.  Only in a
-    ``parallel=True`` kernel (whose loading starts the threading layer)."""
-    sig = types.intp()
-
-    def codegen(context, builder, signature, args):
-        fnty = ir.FunctionType(ir.IntType(64), [])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "get_num_threads")
-        return builder.call(fn, [])
-
-    return sig, codegen
 
 
 @intrinsic
