@@ -105,6 +105,7 @@ __all__ = [
     "embedding_bag_kernel",
     "check_bags_kernel",
     "specialised_dim",
+    "aligned_row_layout",
     "ERRORS",
     "KINDS",
     "PREFETCH",
@@ -120,6 +121,34 @@ _SHIFT_MAX_VECTORS = {32: 17, 64: 30}
 split loads.  AVX2 allows 17 (dim 128: one accumulator more than the 16 ymm, spilled to the
 stack): measured 1.08-1.10x torch against 1.02-1.06x for the split loads on 1M x 128, one
 thread, same run -- the loop waits on memory, an L1 spill is cheap next to a split line."""
+
+
+def aligned_row_layout(
+    kind: str, vbytes: int, vec: bool, dim: int, acc: int
+) -> tuple[bool, int, int, int, int]:
+    """The aligned-load path of a kernel pooling ``kind`` rows of compile-time ``dim`` (``vec``)
+    with vectors of ``vbytes`` bytes (0: none) and an ``acc``-float accumulator, shared by the
+    single-table and the batched kernels: ``(shiftable, shift, acc_sh, acc_alloc, sh_bytes)``
+    -- whether float32 rows sitting :data:`_TABLE_OFFSET` bytes past a vector boundary are read
+    by aligned loads from ``shift`` floats (``sh_bytes`` bytes) before the row into an
+    ``acc_sh``-float accumulator (the row plus the lanes before and after it, dropped at the
+    store), and the accumulator size to allocate."""
+    shiftable = bool(
+        ALIGNED_LOADS
+        and vbytes > 0
+        and kind == "float32"
+        and vec
+        and dim % 16 == 0
+        and (dim * 4 + vbytes) // vbytes <= _SHIFT_MAX_VECTORS[vbytes]
+    )
+    acc_sh = dim + vbytes // 4 if shiftable else max(acc, 1)
+    return (
+        shiftable,
+        _TABLE_OFFSET // 4 if shiftable else 0,
+        acc_sh,
+        max(acc, acc_sh),
+        _TABLE_OFFSET if shiftable else 0,
+    )
 
 
 @intrinsic
@@ -280,18 +309,9 @@ def embedding_bag_kernel(key):
     # its first and last vector (ACC_SH elements, loaded from SHIFT floats before the row), so
     # no load straddles two lines; the extra lanes are dropped when the bag is stored.
     VBYTES = 64 if isa.startswith("avx512") else 32
-    SHIFTABLE = (
-        ALIGNED_LOADS
-        and KIND == "float32"
-        and isa != "portable"
-        and VEC
-        and DIM % 16 == 0
-        and (DIM * 4 + VBYTES) // VBYTES <= _SHIFT_MAX_VECTORS[VBYTES]
+    SHIFTABLE, SHIFT, ACC_SH, ACC_ALLOC, SH_BYTES = aligned_row_layout(
+        KIND, 0 if isa == "portable" else VBYTES, VEC, DIM, ACC
     )
-    SHIFT = _TABLE_OFFSET // 4 if SHIFTABLE else 0
-    ACC_SH = DIM + VBYTES // 4 if SHIFTABLE else max(ACC, 1)
-    ACC_ALLOC = max(ACC, ACC_SH)
-    SH_BYTES = _TABLE_OFFSET if SHIFTABLE else 0
     loop = prange if parallel else range
     sig = signature(key)
     fastmath = fastmath_flags()

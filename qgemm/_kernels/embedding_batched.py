@@ -52,7 +52,6 @@ from .._tuning import EMBEDDING_PREFETCH as PREFETCH
 from .._tuning import EMBEDDING_PREFETCH_ALL_LINES as PREFETCH_ALL_LINES
 from .._tuning import EMBEDDING_PREFETCH_TAIL as PREFETCH_TAIL
 from .embedding import (
-    _SHIFT_MAX_VECTORS,
     _TABLE_OFFSET,
     BAD_FIRST_OFFSET,
     BAD_INDEX,
@@ -60,11 +59,11 @@ from .embedding import (
     KINDS,
     OFFSET_PAST_END,
     OK,
+    aligned_row_layout,
 )
 from .embedding_ir import (
     OP_IDS,
     SRC_IDS,
-    fetch_add,
     fmax,
     load_f16,
     load_f32,
@@ -75,6 +74,7 @@ from .embedding_ir import (
     vec_store_row,
     vec_store_shifted,
 )
+from .gemm_ukernel import atomic_next
 
 __all__ = ["batched_kernel", "MAX_GROUPS", "KIND_IDS", "row_read_bytes"]
 
@@ -194,17 +194,7 @@ def _pool_bag_ov(src, dim_c, mode, weighted, vbytes, shifted, tab, row_bytes, di
     LINE = _LINE
     SBYTES = 8 if Q8 else 4  # scale + bias bytes of a quantized row
     VB = int(vbytes.literal_value)
-    SHIFTABLE = (
-        VB > 0
-        and kind == "float32"
-        and VEC
-        and DIM % 16 == 0
-        and (DIM * 4 + VB) // VB <= _SHIFT_MAX_VECTORS[VB]
-    )
-    SHIFT = _TABLE_OFFSET // 4 if SHIFTABLE else 0
-    ACC_SH = DIM + VB // 4 if SHIFTABLE else ACC
-    ACC_ALLOC = max(ACC, ACC_SH)
-    SH_BYTES = _TABLE_OFFSET if SHIFTABLE else 0
+    SHIFTABLE, SHIFT, ACC_SH, ACC_ALLOC, SH_BYTES = aligned_row_layout(kind, VB, VEC, DIM, ACC)
 
     def impl(src, dim_c, mode, weighted, vbytes, shifted, tab, row_bytes, dim, idx, s, e, pf_end,
              wts, pad, orow):  # fmt: skip
@@ -459,10 +449,10 @@ def batched_kernel(key):
         ib = borrow(indices)
         wb = borrow(wts)
         workers = max(1, min(nthreads, tasks)) if PAR else 1
-        counter = np.zeros(16, np.int64)  # element 8: a line of its own on a 64-byte boundary
+        counter = np.zeros(1, np.int64)
         for _wk in loop(workers):
             while True:
-                q = fetch_add(counter, 8, 1)
+                q = atomic_next(counter)
                 if q >= tasks:
                     break
                 g0 = bounds[q]

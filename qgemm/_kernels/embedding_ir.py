@@ -21,7 +21,6 @@ __all__ = [
     "OP_IDS",
     "SRC_IDS",
     "address_mod",
-    "fetch_add",
     "fmax",
     "half_to_float",
     "load_f16",
@@ -111,22 +110,6 @@ def address_mod(typingctx, arr, modulus):
         return builder.and_(addr, builder.sub(args[1], ir.Constant(args[1].type, 1)))
 
     return sig, codegen
-
-
-@intrinsic
-def fetch_add(typingctx, arr, index, value):
-    """Atomically add ``value`` to ``arr[index]`` (an int64 array) and return its old value
-    (``atomicrmw add``, sequentially consistent): the task counter that the threads of a
-    parallel region share.  ``index`` must be in range."""
-    if not isinstance(arr, types.Array) or arr.dtype != types.int64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        ptr = builder.gep(ary.data, [args[1]])
-        return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
-
-    return types.int64(arr, types.intp, types.int64), codegen
 
 
 @intrinsic
