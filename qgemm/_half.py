@@ -33,7 +33,7 @@ import numpy as np
 
 from . import _config, _tiers
 from ._kernels.gemm_half import GROUP, PANEL, _signature, gemm_half_kernel, tile_shape
-from ._tuning import GEMM_FAST_ENTRIES, HALF_PARALLEL_MIN_MACS, HALF_TASKS_PER_THREAD
+from ._tuning import GEMM_FAST_ENTRIES, HALF_TASKS_PER_THREAD
 from ._validate import as_array, check_out, compiled_entry, replay_out
 
 __all__ = ["HalfPackedWeight", "pack_weight_half", "linear_half"]
@@ -401,7 +401,7 @@ def linear_half(
         isa = _config.get_isa()
         mr = tile_shape(isa)[0]
         threads = _config.get_num_threads()
-        parallel = threads > 1 and m * n * k >= HALF_PARALLEL_MIN_MACS
+        parallel = threads > 1 and m * n * k >= _config.isa_path().parallel_min_macs
         if parallel:
             threads = _config.sync_threads()
             ngrp = -(-n // (PANEL * GROUP))

@@ -47,7 +47,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from types import MappingProxyType
 
-from ._tuning import HALF_MR_AVX2, HALF_MR_AVX512
+from ._tuning import (
+    GEMM_PARALLEL_MIN_MACS,
+    GEMM_PARALLEL_MIN_MACS_AVX2,
+    HALF_MR_AVX2,
+    HALF_MR_AVX512,
+)
 
 __all__ = [
     "Tile",
@@ -104,6 +109,9 @@ class IsaPath:
     """FBGEMM's AVX2 ``vpmaddubsw`` numbers (int16 pair saturation), bit for bit."""
     ceiling_panel: int
     """Panel width whose ``default.fast`` tile the bench's int8 ceiling measures."""
+    parallel_min_macs: int
+    """Int8 GEMM calls with fewer multiply-adds (M*N*K) run serially (the measured break-even
+    of a parallel region on this path, :mod:`qgemm._tuning`)."""
     half: Tile
     """Register tile of the float16/bfloat16-weight GEMM (:mod:`qgemm._kernels.gemm_half`):
     ``mr`` rows x ``nv`` vectors = ``nr`` (the 16-column half panel); lanes = ``nr // nv``."""
@@ -157,6 +165,7 @@ PATHS: tuple[IsaPath, ...] = (
         default=Kernel("portable", "portable", _PORTABLE_TILES),
         saturating=Kernel("portables", "portables", _PORTABLE_TILES),
         ceiling_panel=16,
+        parallel_min_macs=GEMM_PARALLEL_MIN_MACS_AVX2,
         half=Tile(HALF_MR_AVX2, 2, 16),  # MR only sets the task granularity on this path
     ),
     IsaPath(
@@ -170,6 +179,7 @@ PATHS: tuple[IsaPath, ...] = (
         default=Kernel("avx2", "avx2v", _AVX2_TILES),
         saturating=_AVX2_SATURATING,
         ceiling_panel=64,
+        parallel_min_macs=GEMM_PARALLEL_MIN_MACS_AVX2,
         half=Tile(HALF_MR_AVX2, 2, 16),
     ),
     IsaPath(
@@ -180,6 +190,7 @@ PATHS: tuple[IsaPath, ...] = (
         default=Kernel("vnni256", "vnni256", _frozen({16: Tile(6, 2, 16), 64: Tile(6, 2, 16)})),
         saturating=_AVX2_SATURATING,
         ceiling_panel=64,
+        parallel_min_macs=GEMM_PARALLEL_MIN_MACS_AVX2,
         half=Tile(HALF_MR_AVX2, 2, 16),
     ),
     IsaPath(
@@ -190,6 +201,7 @@ PATHS: tuple[IsaPath, ...] = (
         default=Kernel("vnni", "vnni", _frozen({64: Tile(6, 4, 64), 16: Tile(8, 1, 16)})),
         saturating=_AVX2_SATURATING,
         ceiling_panel=64,
+        parallel_min_macs=GEMM_PARALLEL_MIN_MACS,
         half=Tile(HALF_MR_AVX512, 1, 16),
     ),
 )

@@ -21,7 +21,7 @@ from ._half import HalfPackedWeight, pack_weight_half
 from ._isa import panel_width
 from ._kernels.gemm import gemm_kernel, pack_kernel
 from ._kernels.output_stage import PAD, OutputStage
-from ._tuning import GEMM_PARALLEL_MIN_MACS, GEMM_PROBE_MIN
+from ._tuning import GEMM_PROBE_MIN
 from ._validate import as_array, check_choice, check_finite, check_int
 from .quantize import QParams, choose_qparams, quantize
 
@@ -451,7 +451,7 @@ def _plan(kind: str, m: int, weight: PackedWeight, saturate: bool) -> _Plan:
     fast, exact, tile = row.tile(saturate, weight._np)
     mr, nv, nr = tile.mr, tile.nv, tile.nr
     nct = -(-n // nr)
-    parallel = threads > 1 and m * n * k >= GEMM_PARALLEL_MIN_MACS and (nct > 1 or m > mr)
+    parallel = threads > 1 and m * n * k >= row.parallel_min_macs and (nct > 1 or m > mr)
     nchunks = 1
     if parallel and nct < 4 * threads:
         nchunks = -(-4 * threads // max(nct, 1))

@@ -12,9 +12,18 @@ from __future__ import annotations
 # ----------------------------------------------------------------------------------- GEMM
 
 GEMM_PARALLEL_MIN_MACS = 1 << 22
-"""GEMM calls with fewer multiply-adds (M*N*K) run the serial kernel.  Below 2^22 a parallel
-region costs more than it saves (worker wake-up): 6x256x1024 ran 12 us serial vs 24 us
-parallel and 128^3 17 vs 21 us; from 2^22 (1x4096x1024: 67 -> 57 us) the second core pays."""
+"""AVX-512 VNNI: int8 GEMM calls with fewer multiply-adds (M*N*K) run the serial kernel.
+Below 2^22 a parallel region costs more than it saves (worker wake-up): 6x256x1024 ran 12 us
+serial vs 24 us parallel and 128^3 17 vs 21 us; from 2^22 (1x4096x1024: 67 -> 57 us) the
+second core pays.  Each ISA path carries its own break-even (``IsaPath.parallel_min_macs``)."""
+
+GEMM_PARALLEL_MIN_MACS_AVX2 = 1 << 21
+"""AVX2 and the portable path: the serial-below size of the int8 GEMM.  The 256-bit kernels do
+fewer MACs per second, so the second core pays earlier: on Zen 3 (2 threads, same-run medians,
+serial at 2^22 vs parallel at 2^21) 1x800x3200 static 130 -> 76 us, dynamic 87 -> 58 us;
+128^3 55 -> 39 us; 6x256x2048 85 -> 63 us; 16x256x512 level.  Below 2^21 (6x256x1024,
+16x128x512 at 2^20) parallel was level or slower.  AVX-VNNI (256-bit ``vpdpbusd``) uses it too:
+no such CPU was at hand to measure."""
 
 GEMM_PROBE_MIN = 0.25
 """Adaptive threads (``QGEMM_ADAPTIVE_THREADS=1``): shortest re-probe interval, in seconds."""
@@ -90,11 +99,11 @@ both (not a speed constant: it decides placement, never results beyond the row-s
 
 # ------------------------------------------------------------------ half-precision GEMM
 
-HALF_PARALLEL_MIN_MACS = 1 << 22
-"""Half-weight GEMM calls (``linear_half``) with fewer multiply-adds (M*N*K) run serially.
-Taken from the int8 GEMM's measured break-even (``GEMM_PARALLEL_MIN_MACS``: the fork/join
-costs the same ~10-15 us); the float kernel does fewer MACs per second, so the true break-even
-can only be lower.  Not re-measured: the 2-core VM was shared when this kernel was written."""
+# The half-weight GEMM (``linear_half``) goes parallel from the same per-path break-even as
+# the int8 GEMM (``IsaPath.parallel_min_macs``).  Measured on Zen 3 (2 threads, same run,
+# serial at 2^22 vs parallel from 2^21): 1x800x3200 105-120 -> 63-99 us, 128^3 64-66 -> 52 us,
+# 16x256x512 59-63 -> 46-53 us, 6x256x2048 94-95 -> 73-77 us; at 2^20 and below parallel was
+# level or slower in one of two runs.  Not re-measured on AVX-512.
 
 HALF_MR_AVX2 = 6
 """Rows of the AVX2 half-weight register tile: 6 rows x 2 ymm accumulators = 12 of the 16 ymm,

@@ -47,7 +47,7 @@ def build_ops(seed: int = 0) -> dict[str, Op]:
     rng = np.random.default_rng(seed)
     ops: dict[str, Op] = {}
 
-    # GEMM: a small odd shape (serial) and one above GEMM_PARALLEL_MIN_MACS (parallel).
+    # GEMM: a small odd shape (serial) and one above every path's parallel_min_macs (parallel).
     k_big = 256
     m_big = max(1, _tuning.GEMM_PARALLEL_MIN_MACS // (k_big * k_big)) + 3
     w_small = rng.standard_normal((5, 33)).astype(np.float32)

@@ -13,6 +13,7 @@ Agreement stated by the tests:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numba
@@ -23,7 +24,6 @@ from hypothesis import strategies as st
 
 import qgemm
 from qgemm import _config
-from qgemm import _half as half_mod
 from qgemm._half import HalfPackedWeight, linear_half, pack_weight_half
 from qgemm._kernels.gemm_half import PANEL, _h2f_bits, gemm_half_kernel, tile_shape
 
@@ -319,7 +319,8 @@ def test_parallel_kernel_bit_identical(monkeypatch, rng):
     x, w, b = _data(rng, 23, 150, 37)
     pw = pack_weight_half(w, "float16")
     ser = linear_half(x, pw, bias=b, relu=True)
-    monkeypatch.setattr(half_mod, "HALF_PARALLEL_MIN_MACS", 0)
+    row = dataclasses.replace(_config.isa_path(), parallel_min_macs=0)
+    monkeypatch.setattr(_config, "isa_path", lambda: row)
     old = qgemm.get_num_threads()
     try:
         for threads in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):

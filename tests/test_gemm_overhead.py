@@ -470,9 +470,28 @@ def test_one_row_gemm_opens_no_parallel_region(n, k):
 
 
 @pytest.mark.skipif(_config._numba_threads() < 2, reason="needs 2 Numba threads")
+@pytest.mark.parametrize("isa", _config.supported_isas())
+def test_parallel_from_the_paths_own_break_even(isa):
+    old_isa = _config.set_isa(isa)
+    old = _config.set_num_threads(2)
+    try:
+        row = _config.isa_path()
+        n, k = 128, 256  # two 64-wide panels
+        pw = qgemm.pack_weight(np.ones((n, k), np.float32))
+        m = row.parallel_min_macs // (n * k)
+        assert m * n * k == row.parallel_min_macs
+        assert G._plan("dynamic", m, pw, False).threads == 2
+        below = G._plan("dynamic", m - 1, pw, False)
+        assert below.par is None and below.threads == 1
+    finally:
+        _config.set_num_threads(old)
+        _config.set_isa(old_isa)
+
+
+@pytest.mark.skipif(_config._numba_threads() < 2, reason="needs 2 Numba threads")
 def test_parallel_replay_and_adaptive_threads(plan_calls):
     rng = np.random.default_rng(4)
-    m, n, k = 64, 256, 256  # m * n * k = GEMM_PARALLEL_MIN_MACS: the parallel kernel
+    m, n, k = 64, 256, 256  # m * n * k = 2^22 >= every path's parallel_min_macs: parallel
     w = rng.standard_normal((n, k)).astype(np.float32)
     x = rng.standard_normal((m, k)).astype(np.float32)
     pw = qgemm.pack_weight(w)
