@@ -401,7 +401,7 @@ def linear_half(
         isa = _config.get_isa()
         mr = tile_shape(isa)[0]
         threads = _config.get_num_threads()
-        parallel = threads > 1 and m * n * k >= _config.isa_path().parallel_min_macs
+        parallel = threads > 1 and _config.isa_path().parallel(m * n * k, 2 * n * k)
         if parallel:
             threads = _config.sync_threads()
             ngrp = -(-n // (PANEL * GROUP))

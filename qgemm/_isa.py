@@ -50,6 +50,7 @@ from types import MappingProxyType
 from ._tuning import (
     GEMM_PARALLEL_MIN_MACS,
     GEMM_PARALLEL_MIN_MACS_AVX2,
+    GEMM_PARALLEL_MIN_WEIGHT_BYTES,
     HALF_MR_AVX2,
     HALF_MR_AVX512,
 )
@@ -111,10 +112,20 @@ class IsaPath:
     """Panel width whose ``default.fast`` tile the bench's int8 ceiling measures."""
     parallel_min_macs: int
     """Int8 GEMM calls with fewer multiply-adds (M*N*K) run serially (the measured break-even
-    of a parallel region on this path, :mod:`qgemm._tuning`)."""
+    of a parallel region on this path, :mod:`qgemm._tuning`) -- unless their weights reach
+    ``parallel_min_weight_bytes``."""
+    parallel_min_weight_bytes: int
+    """GEMM calls whose packed weights have at least this many bytes run in parallel whatever
+    their M: a few-row call streams its weights from L3/DRAM, and two cores stream more than
+    one (:mod:`qgemm._tuning`)."""
     half: Tile
     """Register tile of the float16/bfloat16-weight GEMM (:mod:`qgemm._kernels.gemm_half`):
     ``mr`` rows x ``nv`` vectors = ``nr`` (the 16-column half panel); lanes = ``nr // nv``."""
+
+    def parallel(self, macs: int, weight_bytes: int) -> bool:
+        """Whether a GEMM call of ``macs`` multiply-adds over ``weight_bytes`` bytes of packed
+        weights pays for a parallel region on this path (given more than one thread)."""
+        return macs >= self.parallel_min_macs or weight_bytes >= self.parallel_min_weight_bytes
 
     def kernel(self, saturate: bool) -> Kernel:
         return self.saturating if saturate else self.default
@@ -166,6 +177,7 @@ PATHS: tuple[IsaPath, ...] = (
         saturating=Kernel("portables", "portables", _PORTABLE_TILES),
         ceiling_panel=16,
         parallel_min_macs=GEMM_PARALLEL_MIN_MACS_AVX2,
+        parallel_min_weight_bytes=2 * GEMM_PARALLEL_MIN_MACS_AVX2,  # never binding: see _tuning
         half=Tile(HALF_MR_AVX2, 2, 16),  # MR only sets the task granularity on this path
     ),
     IsaPath(
@@ -180,6 +192,7 @@ PATHS: tuple[IsaPath, ...] = (
         saturating=_AVX2_SATURATING,
         ceiling_panel=64,
         parallel_min_macs=GEMM_PARALLEL_MIN_MACS_AVX2,
+        parallel_min_weight_bytes=2 * GEMM_PARALLEL_MIN_MACS_AVX2,  # never binding: see _tuning
         half=Tile(HALF_MR_AVX2, 2, 16),
     ),
     IsaPath(
@@ -191,6 +204,7 @@ PATHS: tuple[IsaPath, ...] = (
         saturating=_AVX2_SATURATING,
         ceiling_panel=64,
         parallel_min_macs=GEMM_PARALLEL_MIN_MACS_AVX2,
+        parallel_min_weight_bytes=2 * GEMM_PARALLEL_MIN_MACS_AVX2,  # never binding: see _tuning
         half=Tile(HALF_MR_AVX2, 2, 16),
     ),
     IsaPath(
@@ -202,6 +216,7 @@ PATHS: tuple[IsaPath, ...] = (
         saturating=_AVX2_SATURATING,
         ceiling_panel=64,
         parallel_min_macs=GEMM_PARALLEL_MIN_MACS,
+        parallel_min_weight_bytes=GEMM_PARALLEL_MIN_WEIGHT_BYTES,
         half=Tile(HALF_MR_AVX512, 1, 16),
     ),
 )

@@ -451,7 +451,7 @@ def _plan(kind: str, m: int, weight: PackedWeight, saturate: bool) -> _Plan:
     fast, exact, tile = row.tile(saturate, weight._np)
     mr, nv, nr = tile.mr, tile.nv, tile.nr
     nct = -(-n // nr)
-    parallel = threads > 1 and m * n * k >= row.parallel_min_macs and (nct > 1 or m > mr)
+    parallel = threads > 1 and row.parallel(m * n * k, n * k) and (nct > 1 or m > mr)
     nchunks = 1
     if parallel and nct < 4 * threads:
         nchunks = -(-4 * threads // max(nct, 1))

@@ -17,6 +17,15 @@ Below 2^22 a parallel region costs more than it saves (worker wake-up): 6x256x10
 serial vs 24 us parallel and 128^3 17 vs 21 us; from 2^22 (1x4096x1024: 67 -> 57 us) the
 second core pays.  Each ISA path carries its own break-even (``IsaPath.parallel_min_macs``)."""
 
+GEMM_PARALLEL_MIN_WEIGHT_BYTES = 1 << 21
+"""AVX-512 VNNI: int8 GEMM calls over at least this many bytes of weights run in parallel even
+below ``GEMM_PARALLEL_MIN_MACS``: at M = 1 a call streams its weights from L3 and a second
+core streams more (measured on Zen 5, 2 threads, same run, dynamic / static:
+1x800x3200 28 -> 22-24 / 30 -> 21 us, 1x2048x1024 25.9 -> 20.4 / 24.4 -> 18.8 us;
+1x1024x1024 level).  The 256-bit paths set it to 2^22, where the MAC threshold
+(2^21) already decides: int8 weights of 2^22 bytes or float16 ones (2 bytes each) mean at
+least 2^21 MACs."""
+
 GEMM_PARALLEL_MIN_MACS_AVX2 = 1 << 21
 """AVX2 and the portable path: the serial-below size of the int8 GEMM.  The 256-bit kernels do
 fewer MACs per second, so the second core pays earlier: on Zen 3 (2 threads, same-run medians,

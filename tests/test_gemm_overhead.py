@@ -489,6 +489,31 @@ def test_parallel_from_the_paths_own_break_even(isa):
 
 
 @pytest.mark.skipif(_config._numba_threads() < 2, reason="needs 2 Numba threads")
+@pytest.mark.parametrize("isa", _config.supported_isas())
+def test_one_row_gemm_over_big_weights_goes_parallel(isa):
+    # the weight-bytes rule: a one-row call over weights of parallel_min_weight_bytes (int8)
+    # streams them on both cores even below parallel_min_macs; one byte less and below the
+    # MACs too: serial
+    old_isa = _config.set_isa(isa)
+    old = _config.set_num_threads(2)
+    try:
+        row = _config.isa_path()
+        assert row.parallel(0, row.parallel_min_weight_bytes)
+        assert row.parallel(row.parallel_min_macs, 0)
+        assert not row.parallel(row.parallel_min_macs - 1, row.parallel_min_weight_bytes - 1)
+        k = 512
+        n = row.parallel_min_weight_bytes // k
+        pw = qgemm.pack_weight(np.ones((n, k), np.float32))
+        assert G._plan("dynamic", 1, pw, False).threads == 2
+        if row.parallel_min_macs > (n - 64) * k:  # a narrower weight falls below both
+            narrow = qgemm.pack_weight(np.ones((n - 64, k), np.float32))
+            assert G._plan("dynamic", 1, narrow, False).threads == 1
+    finally:
+        _config.set_num_threads(old)
+        _config.set_isa(old_isa)
+
+
+@pytest.mark.skipif(_config._numba_threads() < 2, reason="needs 2 Numba threads")
 def test_parallel_replay_and_adaptive_threads(plan_calls):
     rng = np.random.default_rng(4)
     m, n, k = 64, 256, 256  # m * n * k = 2^22 >= every path's parallel_min_macs: parallel
