@@ -58,7 +58,21 @@ EMBEDDING_PARALLEL_MIN_WORK = 1 << 16
 """Embedding-bag calls touching fewer table elements (indices x dim) run on one thread."""
 
 EMBEDDING_PREFETCH = 16
-"""Row prefetch distance, in indices (FBGEMM's default; 8 and 32 measured no better)."""
+"""Shortest row prefetch distance, in indices (FBGEMM's default), and the distance of the
+run-time-dim kernels (0: no prefetching)."""
+
+EMBEDDING_PREFETCH_BYTES = 8192
+"""Bytes of rows ahead that the specialised-dim kernels prefetch (distance in indices =
+this // bytes read per row, within ``EMBEDDING_PREFETCH`` .. ``EMBEDDING_PREFETCH_MAX``).
+A fixed 16 rows keeps too few misses in flight for short rows: measured on Zen 5 (2 threads,
+same process, alternating, rows from DRAM), 1M x 64 8-bit (72-byte rows) 16 rows 101-126 us,
+32 rows 77, 64 rows 53, 4 KiB 57-64, 8 KiB 43-54, 16 KiB 56; 4M x 64 8-bit 163-199 ->
+81-84 us; 1M x 64 4-bit 99-120 -> 49-52 us; float32 dim 64 (256-byte rows: 32 rows) level
+(157-199 vs 163-179 us); cache-resident rows level within noise.  Not measured on AVX2 CPUs
+(Zen 3's fewer miss buffers may prefer less)."""
+
+EMBEDDING_PREFETCH_MAX = 128
+"""Longest row prefetch distance, in indices."""
 
 EMBEDDING_PREFETCH_TAIL = True
 """Also prefetch the line holding a row's last byte (a row that does not start on a line

@@ -71,6 +71,8 @@ from .._cache import kernel_family
 from .._config import fastmath_flags
 from .._tuning import EMBEDDING_ALIGNED_LOADS as ALIGNED_LOADS
 from .._tuning import EMBEDDING_PREFETCH as PREFETCH
+from .._tuning import EMBEDDING_PREFETCH_BYTES as PREFETCH_BYTES
+from .._tuning import EMBEDDING_PREFETCH_MAX as PREFETCH_MAX
 from .._tuning import EMBEDDING_PREFETCH_ALL_LINES as PREFETCH_ALL_LINES
 from .._tuning import EMBEDDING_PREFETCH_TAIL as PREFETCH_TAIL
 from .embedding_codes import (  # (re-exported: KINDS, MODES, the error codes)
@@ -106,6 +108,7 @@ __all__ = [
     "check_bags_kernel",
     "specialised_dim",
     "aligned_row_layout",
+    "prefetch_distance",
     "ERRORS",
     "KINDS",
     "PREFETCH",
@@ -121,6 +124,19 @@ _SHIFT_MAX_VECTORS = {32: 17, 64: 30}
 split loads.  AVX2 allows 17 (dim 128: one accumulator more than the 16 ymm, spilled to the
 stack): measured 1.08-1.10x torch against 1.02-1.06x for the split loads on 1M x 128, one
 thread, same run -- the loop waits on memory, an L1 spill is cheap next to a split line."""
+
+
+def prefetch_distance(row_bytes_read: int) -> int:
+    """Indices ahead at which a kernel prefetches the row it will read, for rows of
+    ``row_bytes_read`` bytes (0: a run-time dim, then ``PREFETCH``): about ``PREFETCH_BYTES``
+    of rows in flight, at least ``PREFETCH`` and at most ``PREFETCH_MAX`` rows (0 turns
+    prefetching off).  Short quantized rows need many rows ahead to keep enough misses in
+    flight to DRAM; :mod:`qgemm._tuning` has the measurements."""
+    if PREFETCH <= 0:
+        return 0
+    if row_bytes_read <= 0:
+        return PREFETCH
+    return max(PREFETCH, min(PREFETCH_MAX, PREFETCH_BYTES // row_bytes_read))
 
 
 def aligned_row_layout(
@@ -297,7 +313,7 @@ def embedding_bag_kernel(key):
     F16 = KIND == "float16"
     ONE = np.float32(1.0)
     ZERO = np.float32(0.0)
-    PF = PREFETCH
+    PF = prefetch_distance(NEED if DIM > 0 else 0)
     PF_ALL = PREFETCH_ALL_LINES
     HAS_PF = PF > 0
     LINE = _CACHE_LINE

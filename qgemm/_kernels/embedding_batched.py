@@ -48,7 +48,6 @@ from numba.np.arrayobj import populate_array
 from .._cache import kernel_family
 from .._config import fastmath_flags
 from .._tuning import EMBEDDING_BATCHED_BAG_COST as BAG_COST
-from .._tuning import EMBEDDING_PREFETCH as PREFETCH
 from .._tuning import EMBEDDING_PREFETCH_ALL_LINES as PREFETCH_ALL_LINES
 from .._tuning import EMBEDDING_PREFETCH_TAIL as PREFETCH_TAIL
 from .embedding import (
@@ -60,6 +59,7 @@ from .embedding import (
     OFFSET_PAST_END,
     OK,
     aligned_row_layout,
+    prefetch_distance,
 )
 from .embedding_ir import (
     OP_IDS,
@@ -160,7 +160,7 @@ def _pool_bag_ov(src, dim_c, mode, weighted, vbytes, shifted, tab, row_bytes, di
     ``shifted`` (run time): every row of ``tab`` sits ``_TABLE_OFFSET`` bytes past a
     ``vbytes`` boundary, so a float32 row is read by aligned loads from that many bytes before
     it, as in the single-table kernel (the extra lanes are dropped when the bag is stored).
-    Indices are already validated.  Prefetches row ``k + PREFETCH`` (below ``pf_end``)."""
+    Indices are already validated.  Prefetches row ``k + prefetch_distance(row bytes)`` (below ``pf_end``)."""
     lits = (src, dim_c, mode, weighted, vbytes)
     if not all(isinstance(x, types.IntegerLiteral) for x in lits):
         return None
@@ -185,7 +185,7 @@ def _pool_bag_ov(src, dim_c, mode, weighted, vbytes, shifted, tab, row_bytes, di
     OP_ROW = OP_IDS["max" if MODE_MAX else ("addw" if WEIGHTED and not QUANT else "add")]
     ONE = np.float32(1.0)
     ZERO = np.float32(0.0)
-    PF = PREFETCH
+    PF = prefetch_distance(NEED)
     HAS_PF = PF > 0
     PF_ALL = PREFETCH_ALL_LINES
     # Rows need not start on a line: the line of the row's last byte is prefetched too (as the
