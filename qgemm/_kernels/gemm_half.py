@@ -59,7 +59,8 @@ PANEL = 16
 """Output columns per packed panel (all ISAs share the layout, so packing is ISA-free)."""
 
 GROUP = 4
-"""Panels per task: rows 1 and 2 are computed over 4 or 2 adjacent panels at once."""
+"""Panels per task: rows 1 and 2 are computed over 4 or 2 adjacent panels at once, 3..6 rows
+over 2 on AVX-512 (one vector per panel row)."""
 
 WTYPES = ("float16", "bfloat16")
 _FP16 = 0
@@ -294,6 +295,10 @@ def gemm_half_kernel(key):
     G = GROUP
     PAR = bool(parallel)
     PFD = HALF_PREFETCH_AVX2 if isa == "avx2" else 0
+    # Tiles of one vector per panel row (AVX-512: 16 lanes) give 3..MID_MR rows two panels at
+    # once; two-vector tiles (AVX2) already have 2 chains per row and no registers to spare.
+    PAIR_MID = NV == 1
+    MID_MR = max(3, mr_c // 2)
     opts = {
         "cache": True,
         "nogil": True,
@@ -348,6 +353,13 @@ def gemm_half_kernel(key):
                         while p + 2 <= p_full:
                             hkr(x, a_off, b, p * ps, ps, k, mr, out, (o_row + p * NR) * 4, ldo,
                                 bias, p * NR * 4, 2, 2, NV, LN, WT, RELU, BIAS, 0)  # fmt: skip
+                            p += 2
+                    elif PAIR_MID and mr <= MID_MR:
+                        # one vector per panel row (AVX-512): 3..6 rows take two panels at once,
+                        # 6..12 FMA chains instead of 3..6 (an FMA's latency covers ~8)
+                        while p + 2 <= p_full:
+                            hkr(x, a_off, b, p * ps, ps, k, mr, out, (o_row + p * NR) * 4, ldo,
+                                bias, p * NR * 4, MID_MR, 2, NV, LN, WT, RELU, BIAS, 0)  # fmt: skip
                             p += 2
                     while p < p_full:
                         if once:  # each weight used by this one row tile: prefetch the stream
