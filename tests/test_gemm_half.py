@@ -293,7 +293,7 @@ def test_linear_native_and_portable_agree(rng):
 
 def test_rows_and_tiles_bit_identical(rng):
     """Row ``i`` of the result does not depend on M (row tiles of 1..MR rows, wide tiles over
-    2 and 4 panels for 1 and 2 rows, over 2 panels for 3..6 rows on AVX-512): every output is
+    2 and 4 panels for 1 and 2 rows, over 2 panels for more rows on AVX-512): every output is
     the same sequential FMA sum."""
     x, w, b = _data(rng, 13, 150, 33)
     pw = pack_weight_half(w, "bfloat16")
