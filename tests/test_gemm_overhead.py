@@ -12,6 +12,7 @@ count and cache changes invalidate entries.  No timings.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 
 import numba
@@ -469,13 +470,22 @@ def test_one_row_gemm_opens_no_parallel_region(n, k):
         _config.set_num_threads(old)
 
 
-@pytest.mark.skipif(_config._numba_threads() < 2, reason="needs 2 Numba threads")
-@pytest.mark.parametrize("isa", _config.supported_isas())
-def test_parallel_from_the_paths_own_break_even(isa):
+@contextlib.contextmanager
+def _two_threads_on(isa):
+    """The ISA path ``isa`` with 2 threads, as its table row; both restored afterwards."""
     old_isa = _config.set_isa(isa)
     old = _config.set_num_threads(2)
     try:
-        row = _config.isa_path()
+        yield _config.isa_path()
+    finally:
+        _config.set_num_threads(old)
+        _config.set_isa(old_isa)
+
+
+@pytest.mark.skipif(_config._numba_threads() < 2, reason="needs 2 Numba threads")
+@pytest.mark.parametrize("isa", _config.supported_isas())
+def test_parallel_from_the_paths_own_break_even(isa):
+    with _two_threads_on(isa) as row:
         n, k = 128, 256  # two 64-wide panels
         pw = qgemm.pack_weight(np.ones((n, k), np.float32))
         m = row.parallel_min_macs // (n * k)
@@ -483,9 +493,6 @@ def test_parallel_from_the_paths_own_break_even(isa):
         assert G._plan("dynamic", m, pw, False).threads == 2
         below = G._plan("dynamic", m - 1, pw, False)
         assert below.par is None and below.threads == 1
-    finally:
-        _config.set_num_threads(old)
-        _config.set_isa(old_isa)
 
 
 @pytest.mark.skipif(_config._numba_threads() < 2, reason="needs 2 Numba threads")
@@ -494,10 +501,7 @@ def test_one_row_gemm_over_big_weights_goes_parallel(isa):
     # the weight-bytes rule: a one-row call over weights of parallel_min_weight_bytes (int8)
     # streams them on both cores even below parallel_min_macs; one byte less and below the
     # MACs too: serial
-    old_isa = _config.set_isa(isa)
-    old = _config.set_num_threads(2)
-    try:
-        row = _config.isa_path()
+    with _two_threads_on(isa) as row:
         assert row.parallel(0, row.parallel_min_weight_bytes)
         assert row.parallel(row.parallel_min_macs, 0)
         assert not row.parallel(row.parallel_min_macs - 1, row.parallel_min_weight_bytes - 1)
@@ -508,9 +512,6 @@ def test_one_row_gemm_over_big_weights_goes_parallel(isa):
         if row.parallel_min_macs > (n - 64) * k:  # a narrower weight falls below both
             narrow = qgemm.pack_weight(np.ones((n - 64, k), np.float32))
             assert G._plan("dynamic", 1, narrow, False).threads == 1
-    finally:
-        _config.set_num_threads(old)
-        _config.set_isa(old_isa)
 
 
 @pytest.mark.skipif(_config._numba_threads() < 2, reason="needs 2 Numba threads")

@@ -71,9 +71,9 @@ from .._cache import kernel_family
 from .._config import fastmath_flags
 from .._tuning import EMBEDDING_ALIGNED_LOADS as ALIGNED_LOADS
 from .._tuning import EMBEDDING_PREFETCH as PREFETCH
+from .._tuning import EMBEDDING_PREFETCH_ALL_LINES as PREFETCH_ALL_LINES
 from .._tuning import EMBEDDING_PREFETCH_BYTES as PREFETCH_BYTES
 from .._tuning import EMBEDDING_PREFETCH_MAX as PREFETCH_MAX
-from .._tuning import EMBEDDING_PREFETCH_ALL_LINES as PREFETCH_ALL_LINES
 from .._tuning import EMBEDDING_PREFETCH_TAIL as PREFETCH_TAIL
 from .embedding_codes import (  # (re-exported: KINDS, MODES, the error codes)
     BAD_FIRST_OFFSET,

@@ -160,7 +160,8 @@ def _pool_bag_ov(src, dim_c, mode, weighted, vbytes, shifted, tab, row_bytes, di
     ``shifted`` (run time): every row of ``tab`` sits ``_TABLE_OFFSET`` bytes past a
     ``vbytes`` boundary, so a float32 row is read by aligned loads from that many bytes before
     it, as in the single-table kernel (the extra lanes are dropped when the bag is stored).
-    Indices are already validated.  Prefetches row ``k + prefetch_distance(row bytes)`` (below ``pf_end``)."""
+    Indices are already validated.  Prefetches row ``k + prefetch_distance(row bytes)``
+    (below ``pf_end``)."""
     lits = (src, dim_c, mode, weighted, vbytes)
     if not all(isinstance(x, types.IntegerLiteral) for x in lits):
         return None

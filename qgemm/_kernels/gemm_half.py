@@ -12,12 +12,12 @@ Microkernel (native ISAs)
 -------------------------
 :func:`hkr` is a Numba ``@intrinsic`` emitting LLVM IR for an ``mr x (16 * npan)`` register
 tile over ``npan`` adjacent panels (``mr <= MR``; ``npan`` 4 for one row, 2 for two rows, and
-2 for any row count on AVX-512, 1 on AVX2): per ``k`` it loads the panel rows, widens it to float32 *in registers* --
-float16 by ``fpext <L x half> to <L x float>`` (F16C ``vcvtph2ps`` on AVX2 / AVX-512),
-bfloat16 by ``zext`` to i32, ``shl 16``, ``bitcast`` -- broadcasts one activation per row and
-accumulates with ``llvm.fma`` (``vfmadd231ps``).  The bias add and the ReLU are fused in the
-store.  Each output is the sequential FMA sum over ``k = 0 .. K-1`` (then ``+ bias``), so
-results do not depend on the tiling, the ISA or the thread count.
+2 for any row count on AVX-512, 1 on AVX2): per ``k`` it loads the panel rows, widens them to
+float32 *in registers* -- float16 by ``fpext <L x half> to <L x float>`` (F16C ``vcvtph2ps``
+on AVX2 / AVX-512), bfloat16 by ``zext`` to i32, ``shl 16``, ``bitcast`` -- broadcasts one
+activation per row and accumulates with ``llvm.fma`` (``vfmadd231ps``).  The bias add and the
+ReLU are fused in the store.  Each output is the sequential FMA sum over ``k = 0 .. K-1``
+(then ``+ bias``), so results do not depend on the tiling, the ISA or the thread count.
 
 Portable path
 -------------
