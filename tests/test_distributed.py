@@ -13,6 +13,7 @@ import copy
 import os
 import subprocess
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -472,8 +473,19 @@ def test_sharded_tablewise_bit_exact(client, dlrm, which):
     sm.close()
 
 
+def _no_shards_left(client, timeout=30.0):
+    """Wait until the workers have dropped every table shard: ``ShardedDLRM.close`` releases
+    futures, and Dask forgets their data asynchronously (a shard of an earlier test could
+    otherwise still sit on a worker when the next one looks)."""
+    deadline = time.monotonic() + timeout
+    while any(qd.shard_contents(client).values()):
+        assert time.monotonic() < deadline, f"shards still held: {qd.shard_contents(client)}"
+        time.sleep(0.05)
+
+
 def test_sharded_row_split(client, dlrm):
     m, (dense, idx, off) = dlrm
+    _no_shards_left(client)
     sm = qd.ShardedDLRM(m, client, row_split=[1])
     assert sm.row_split == (1,)
     assert [(s, e) for _, s, e in sm.placement[1]] == qd.row_ranges(200, 2)
