@@ -105,6 +105,36 @@ def test_fixed_size_bags(model, rng):
     np.testing.assert_allclose(got, ref(model, dense, indices, None), atol=FLOAT_TOL)
 
 
+@pytest.mark.parametrize("batch", [0, 1, 5])
+def test_flat_checked_bags_equal_the_batched_ops_own(qmodel, batch, rng):
+    # the DLRM's flat batched-op input built from its already checked bags (offsets, fixed
+    # [batch, L] bags, int32 and int64 mixed) is the op's own validated flattening
+    from qgemm.models import _flat_checked_bags
+
+    dense = rng.random((batch, qmodel.num_dense), dtype=np.float32)
+    for fixed in (False, True):
+        if fixed:
+            dts = (np.int32, np.int64, np.int32)
+            idx = [
+                rng.integers(0, r, (batch, 3)).astype(dt)
+                for r, dt in zip(qmodel.rows, dts, strict=True)
+            ]
+            off = None
+        else:
+            idx, off = bags_with_empties(qmodel, batch, rng, np.int64)
+            idx[0], off[1] = idx[0].astype(np.int32), off[1].astype(np.int32)
+        _, bags = qmodel._check_inputs(dense, idx, off)
+        got = _flat_checked_bags(bags, batch)
+        tbe = qgemm.TableBatchedEmbeddingBags(qmodel.tables)
+        want = tbe._flat_bags([i for i, _ in bags], [o for _, o in bags], None, None)
+        for g, w in zip(got, (want[0], want[1], want[4]), strict=True):
+            assert g.dtype == w.dtype
+            np.testing.assert_array_equal(g, w)
+        emb = qmodel._embed(bags, batch)
+        for k, (i, o) in enumerate(bags):
+            np.testing.assert_array_equal(emb[k], qgemm.embedding_bag(qmodel.tables[k], i, o))
+
+
 def test_empty_batch(model):
     dense = np.zeros((0, model.num_dense), np.float32)
     empty = [np.zeros(0, np.int64)] * model.num_tables
