@@ -618,6 +618,22 @@ def test_linear_errors(change, exc, match):
     assert (out == 7).all()
 
 
+@pytest.mark.parametrize("m, k", [(1, 4), (5, 8), (5, 7), (9, 130)])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_linear_first_non_finite_activation_named(m, k, bad, rng):
+    # the serial activation prologue scans x in one pass when K needs no k-group padding and
+    # row by row otherwise: either way the first non-finite element (row-major) is named and
+    # out stays untouched
+    pw = pack_weight(rng.standard_normal((6, k)).astype(np.float32))
+    for i, j in [(m - 1, k - 1), (m // 2, 0), (0, k // 2)]:
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        x[i, j] = bad
+        out = np.full((m, 6), 7, np.float32)
+        with pytest.raises(ValueError, match=rf"x: .*index \({i}, {j}\)"):
+            linear(x, pw, out=out)
+        assert (out == 7).all()
+
+
 def test_kernel_cache_keys(rng):
     pw = pack_weight(rng.standard_normal((20, 8)).astype(np.float32))
     linear(np.ones((1, 8), np.float32), pw)
