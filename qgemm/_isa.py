@@ -51,6 +51,7 @@ from ._tuning import (
     GEMM_PARALLEL_MIN_MACS,
     GEMM_PARALLEL_MIN_MACS_AVX2,
     GEMM_PARALLEL_MIN_WEIGHT_BYTES,
+    GEMM_PARALLEL_MIN_WEIGHT_BYTES_AVX2,
     HALF_MR_AVX2,
     HALF_MR_AVX512,
 )
@@ -177,7 +178,7 @@ PATHS: tuple[IsaPath, ...] = (
         saturating=Kernel("portables", "portables", _PORTABLE_TILES),
         ceiling_panel=16,
         parallel_min_macs=GEMM_PARALLEL_MIN_MACS_AVX2,
-        parallel_min_weight_bytes=2 * GEMM_PARALLEL_MIN_MACS_AVX2,  # never binding: see _tuning
+        parallel_min_weight_bytes=GEMM_PARALLEL_MIN_WEIGHT_BYTES_AVX2,
         half=Tile(HALF_MR_AVX2, 2, 16),  # MR only sets the task granularity on this path
     ),
     IsaPath(
@@ -192,7 +193,7 @@ PATHS: tuple[IsaPath, ...] = (
         saturating=_AVX2_SATURATING,
         ceiling_panel=64,
         parallel_min_macs=GEMM_PARALLEL_MIN_MACS_AVX2,
-        parallel_min_weight_bytes=2 * GEMM_PARALLEL_MIN_MACS_AVX2,  # never binding: see _tuning
+        parallel_min_weight_bytes=GEMM_PARALLEL_MIN_WEIGHT_BYTES_AVX2,
         half=Tile(HALF_MR_AVX2, 2, 16),
     ),
     IsaPath(
@@ -204,7 +205,7 @@ PATHS: tuple[IsaPath, ...] = (
         saturating=_AVX2_SATURATING,
         ceiling_panel=64,
         parallel_min_macs=GEMM_PARALLEL_MIN_MACS_AVX2,
-        parallel_min_weight_bytes=2 * GEMM_PARALLEL_MIN_MACS_AVX2,  # never binding: see _tuning
+        parallel_min_weight_bytes=GEMM_PARALLEL_MIN_WEIGHT_BYTES_AVX2,
         half=Tile(HALF_MR_AVX2, 2, 16),
     ),
     IsaPath(

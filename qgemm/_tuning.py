@@ -34,6 +34,10 @@ serial at 2^22 vs parallel at 2^21) 1x800x3200 static 130 -> 76 us, dynamic 87 -
 16x128x512 at 2^20) parallel was level or slower.  AVX-VNNI (256-bit ``vpdpbusd``) uses it too:
 no such CPU was at hand to measure."""
 
+GEMM_PARALLEL_MIN_WEIGHT_BYTES_AVX2 = 2 * GEMM_PARALLEL_MIN_MACS_AVX2
+"""AVX2, AVX-VNNI and the portable path: never binding (see
+``GEMM_PARALLEL_MIN_WEIGHT_BYTES``): the MAC threshold decides alone."""
+
 GEMM_PROBE_MIN = 0.25
 """Adaptive threads (``QGEMM_ADAPTIVE_THREADS=1``): shortest re-probe interval, in seconds."""
 

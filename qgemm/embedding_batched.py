@@ -51,6 +51,30 @@ PARALLEL_MIN_WORK = EMBEDDING_PARALLEL_MIN_WORK
 """Calls touching fewer table elements (indices x mean dim) run on one thread."""
 
 
+def flatten_bags(
+    bags: list[tuple[np.ndarray, np.ndarray | None]], batch: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(flat indices, int64 offsets [T*batch+1], int64 table starts [T+1])`` of per-table
+    bags already checked: ``(indices, offsets)`` with C-contiguous int32/int64 index arrays,
+    ``offsets`` of ``batch`` bags or None for fixed-size bags ``indices [batch, L]`` (the
+    table-batched op's input, built without another pass over the bags)."""
+    nt = len(bags)
+    flat = [i.reshape(-1) for i, _ in bags]
+    starts = np.zeros(nt + 1, np.int64)
+    np.cumsum([f.size for f in flat], out=starts[1:])
+    offs = np.empty(nt * batch + 1, np.int64)
+    for t, (idx, off) in enumerate(bags):
+        seg = offs[t * batch : (t + 1) * batch]
+        if off is None:  # fixed-size bags [batch, L]
+            np.multiply(np.arange(batch, dtype=np.int64), idx.shape[1], out=seg)
+            seg += starts[t]
+        else:
+            np.add(off, starts[t], out=seg, casting="unsafe")
+    offs[-1] = starts[-1]
+    idx = np.concatenate(flat) if nt > 1 else np.ascontiguousarray(flat[0])
+    return idx, offs, starts
+
+
 def _choose_groups(sigs: list[tuple[str, int]]) -> list[tuple[str, int]]:
     """At most ``MAX_GROUPS`` kernel groups covering ``sigs``: the most common specialised
     signatures, the rest folded into their kind's run-time-dim group ``(kind, 0)``."""
@@ -216,15 +240,13 @@ class TableBatchedEmbeddingBags:
         off_l = [None] * T if offsets is None else list(offsets)
         if len(off_l) != T:
             raise ValueError(f"offsets: expected {T} arrays (one per table), got {len(off_l)}")
-        idxs, offss, batch = [], [], None
-        base = 0
+        bags, batch = [], None
         for t in range(T):
             fixed = off_l[t] is None
             it = index_array(f"indices[{t}]", idx_l[t], ndim=2 if fixed else 1)
             if fixed:
-                nb, per = it.shape
-                ot = np.arange(nb, dtype=np.int64) * per
-                it = it.reshape(-1)
+                nb = it.shape[0]
+                ot = None
             else:
                 ot = index_array(f"offsets[{t}]", off_l[t])
                 nb = ot.size
@@ -242,14 +264,8 @@ class TableBatchedEmbeddingBags:
                 batch = nb
             elif nb != batch:
                 raise ValueError(f"offsets[{t}]: expected {batch} bags (as table 0), got {nb}")
-            idxs.append(it)
-            offss.append(ot + base)
-            base += it.size
-        starts = np.cumsum([0] + [i.size for i in idxs]).astype(np.int64)
-        idx = np.concatenate(idxs) if T > 1 else idxs[0]
-        if idx.dtype not in _INDEX_NAMES:
-            idx = idx.astype(np.int64)
-        offs = np.concatenate(offss + [np.array([base], np.int64)])
+            bags.append((it, ot))
+        idx, offs, starts = flatten_bags(bags, int(batch or 0))
         if weights is not None and isinstance(weights, (list, tuple)):
             if len(weights) != T:
                 raise ValueError(
@@ -260,14 +276,14 @@ class TableBatchedEmbeddingBags:
                 wt = as_array(
                     f"per_sample_weights[{t}]", weights[t], dtypes=(np.float32, np.float16)
                 )
-                if wt.size != idxs[t].size:
+                if wt.size != bags[t][0].size:
                     raise ValueError(
                         f"per_sample_weights[{t}]: expected one weight per index of table {t} "
-                        f"({idxs[t].size}), got {wt.size}"
+                        f"({bags[t][0].size}), got {wt.size}"
                     )
                 ws.append(wt.reshape(-1).astype(np.float32, copy=False))
             weights = np.concatenate(ws)
-        return np.ascontiguousarray(idx), offs, int(batch or 0), weights, starts
+        return idx, offs, int(batch or 0), weights, starts
 
     def _pads(self, padding_idx: Any) -> np.ndarray:
         if padding_idx is None:

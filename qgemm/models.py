@@ -49,7 +49,7 @@ from ._model_build import (
 )
 from ._validate import as_array, check_choice, check_finite, check_int
 from .embedding import check_bags, embedding_bag, index_array
-from .embedding_batched import TableBatchedEmbeddingBags
+from .embedding_batched import TableBatchedEmbeddingBags, flatten_bags
 from .gemm import PackedWeight, linear, pack_weight
 from .quantize import RowwiseQuantizedTable, quantize_rowwise
 
@@ -94,30 +94,6 @@ def _interaction_pairs(n: int, self_interaction: bool) -> tuple[np.ndarray, np.n
     li = np.array([i for i in range(n) for _ in range(i + extra)], dtype=np.intp)
     lj = np.array([j for i in range(n) for j in range(i + extra)], dtype=np.intp)
     return li, lj
-
-
-def _flat_checked_bags(
-    bags: list[tuple[np.ndarray, np.ndarray | None]], batch: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(flat indices, offsets [T*batch+1], table starts)`` of bags that
-    :meth:`DLRM._check_inputs` has already validated (index arrays of the right shapes, bags
-    within their tables): the table-batched op's flat input without a second validation pass
-    in Python (at batch 16 that pass cost as much as the lookups)."""
-    nt = len(bags)
-    flat = [i.reshape(-1) for i, _ in bags]
-    starts = np.zeros(nt + 1, np.int64)
-    np.cumsum([f.size for f in flat], out=starts[1:])
-    offs = np.empty(nt * batch + 1, np.int64)
-    for t, (idx, off) in enumerate(bags):
-        seg = offs[t * batch : (t + 1) * batch]
-        if off is None:  # fixed-size bags [batch, L]
-            np.multiply(np.arange(batch, dtype=np.int64), idx.shape[1], out=seg)
-            seg += starts[t]
-        else:
-            np.add(off, starts[t], out=seg, casting="unsafe")
-    offs[-1] = starts[-1]
-    idx = np.concatenate(flat) if nt > 1 else np.ascontiguousarray(flat[0])
-    return idx, offs, starts
 
 
 def _numpy_bag_sum(table: Any, idx: np.ndarray, off: np.ndarray | None, out: np.ndarray) -> None:
@@ -620,7 +596,7 @@ class DLRM:
                 or any(a is not b for a, b in zip(tbe.tables, self.tables, strict=False))
             ):
                 tbe = self._tbe = TableBatchedEmbeddingBags(self.tables)
-            idx, offs, starts = _flat_checked_bags(bags, batch)
+            idx, offs, starts = flatten_bags(bags, batch)  # bags checked by _check_inputs
             obase = np.arange(nt, dtype=np.int64) * (batch * d)
             tbe._pool(idx, offs, batch, None, "sum", tbe._no_pad, emb.reshape(-1), obase, d, starts)
             return emb

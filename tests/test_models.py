@@ -106,10 +106,11 @@ def test_fixed_size_bags(model, rng):
 
 
 @pytest.mark.parametrize("batch", [0, 1, 5])
-def test_flat_checked_bags_equal_the_batched_ops_own(qmodel, batch, rng):
-    # the DLRM's flat batched-op input built from its already checked bags (offsets, fixed
-    # [batch, L] bags, int32 and int64 mixed) is the op's own validated flattening
-    from qgemm.models import _flat_checked_bags
+def test_flatten_bags_equal_the_batched_ops_own(qmodel, batch, rng):
+    # the flat batched-op input of already checked bags (offsets, fixed [batch, L] bags,
+    # int32 and int64 mixed): the tables' indices end to end, each table's offsets moved by
+    # its start, as the op's own (validating) flattening of the same per-table lists gives
+    from qgemm.embedding_batched import flatten_bags
 
     dense = rng.random((batch, qmodel.num_dense), dtype=np.float32)
     for fixed in (False, True):
@@ -124,12 +125,18 @@ def test_flat_checked_bags_equal_the_batched_ops_own(qmodel, batch, rng):
             idx, off = bags_with_empties(qmodel, batch, rng, np.int64)
             idx[0], off[1] = idx[0].astype(np.int32), off[1].astype(np.int32)
         _, bags = qmodel._check_inputs(dense, idx, off)
-        got = _flat_checked_bags(bags, batch)
+        got = flatten_bags(bags, batch)
+        sizes = [i.size for i, _ in bags]
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        per = [np.arange(batch) * i.shape[1] if o is None else o for i, o in bags]
+        offs = np.concatenate([p + s for p, s in zip(per, starts, strict=False)] + [starts[-1:]])
+        flat = np.concatenate([i.reshape(-1) for i, _ in bags])
         tbe = qgemm.TableBatchedEmbeddingBags(qmodel.tables)
-        want = tbe._flat_bags([i for i, _ in bags], [o for _, o in bags], None, None)
-        for g, w in zip(got, (want[0], want[1], want[4]), strict=True):
-            assert g.dtype == w.dtype
-            np.testing.assert_array_equal(g, w)
+        own = tbe._flat_bags([i for i, _ in bags], [o for _, o in bags], None, None)
+        for want in ((flat, offs.astype(np.int64), starts), (own[0], own[1], own[4])):
+            for g, w in zip(got, want, strict=True):
+                assert g.dtype == w.dtype
+                np.testing.assert_array_equal(g, w)
         emb = qmodel._embed(bags, batch)
         for k, (i, o) in enumerate(bags):
             np.testing.assert_array_equal(emb[k], qgemm.embedding_bag(qmodel.tables[k], i, o))

@@ -186,9 +186,9 @@ def _row_minmax_keys(x, K):
     The float bits ``b`` map to ``b ^ ((b >> 31) & 0x7fffffff)``, an int32 whose order is the
     floats' order, so the min and max are integer reductions that LLVM vectorises exactly,
     without fast-math (8 lanes of ``vpminsd``/``vpmaxsd`` on AVX2: the int64 form ran 4.7x
-    slower).  The rows' keys reduce to the call's with integer min/max, and only that pair is
-    turned back into floats (:func:`_keys_to_floats`): no allocation per row (a per-row
-    2-element buffer for the bit cast cost ~60 ns a row, 1024 x 128 ran 5x slower)."""
+    slower).  Only the call's pair of keys is turned back into floats (:func:`_keys_to_floats`):
+    no allocation per row (a per-row 2-element buffer for the bit cast cost ~60 ns a row,
+    1024 x 128 ran 5x slower)."""
     xi = x.view(np.int32)
     mn = np.int32(0x7FFFFFFF)
     mx = np.int32(-0x80000000)
@@ -306,20 +306,17 @@ def gemm_kernel(key):
             lo = np.float32(0.0)
             hi = np.float32(0.0)
             if M > 0 and K > 0:
-                lo_r = np.empty(M, np.int32)
-                hi_r = np.empty(M, np.int32)
+                # x is C-contiguous [M, K] (the wrapper's contract): the serial pass reads it
+                # as one run; a parallel region costs microseconds, so only large x splits
                 if PAR and M * K >= PAR_ELEMS:
+                    lo_r = np.empty(M, np.int32)
+                    hi_r = np.empty(M, np.int32)
                     for i in prange(M):
                         lo_r[i], hi_r[i] = _row_minmax_keys(a[i], K)
-                elif a.shape[1] == K:  # serial, x contiguous: one pass (no per-row set-up)
-                    lo_r[0], hi_r[0] = _row_minmax_keys(a.reshape(M * K), M * K)
-                    lo_r[1:] = lo_r[0]
-                    hi_r[1:] = hi_r[0]
-                else:  # a parallel region costs microseconds: not worth it for small x
-                    for i in range(M):
-                        lo_r[i], hi_r[i] = _row_minmax_keys(a[i], K)
-                lo_k = lo_r.min()
-                hi_k = hi_r.max()
+                    lo_k = lo_r.min()
+                    hi_k = hi_r.max()
+                else:
+                    lo_k, hi_k = _row_minmax_keys(a.reshape(M * K), M * K)
                 if not _keys_finite(lo_k, hi_k):  # the first non-finite element, in order
                     for i in range(M):
                         for k in range(K):
@@ -334,7 +331,7 @@ def gemm_kernel(key):
             if PAR and M * K >= PAR_ELEMS:
                 for i in prange(M):
                     _quantize_row(a[i], aq[i], K, sc, np.float32(zp), np.float32(qmax))
-            elif KP == K and a.shape[1] == K and M > 0:  # no k-group padding: one pass
+            elif KP == K:  # no k-group padding: x and aq are the same run of M * K
                 _quantize_row(a.reshape(M * K), aq.reshape(M * K), M * K, sc, np.float32(zp),
                               np.float32(qmax))  # fmt: skip
             else:

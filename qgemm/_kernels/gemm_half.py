@@ -301,8 +301,7 @@ def gemm_half_kernel(key):
     # feeds two FMAs.  Measured on Zen 5 (2 threads, same run, vs one panel): 1024^3 5.6 ->
     # 4.3-4.5 ms, 20x4096x1024 422 -> 355-369 us, 102x1024x512 239 -> 216, 3x4096x1024 140 ->
     # 85.  Two-vector tiles (AVX2: 6 rows x 2 ymm) have no registers to spare.
-    PAIR_MID = NV == 1
-    MID_MR = mr_c
+    PAIRED = NV == 1
     opts = {
         "cache": True,
         "nogil": True,
@@ -358,12 +357,12 @@ def gemm_half_kernel(key):
                             hkr(x, a_off, b, p * ps, ps, k, mr, out, (o_row + p * NR) * 4, ldo,
                                 bias, p * NR * 4, 2, 2, NV, LN, WT, RELU, BIAS, 0)  # fmt: skip
                             p += 2
-                    elif PAIR_MID and mr <= MID_MR:
+                    elif PAIRED:
                         # one vector per panel row (AVX-512): 3..MR rows take two panels at
                         # once (6..24 FMA chains instead of 3..12)
                         while p + 2 <= p_full:
                             hkr(x, a_off, b, p * ps, ps, k, mr, out, (o_row + p * NR) * 4, ldo,
-                                bias, p * NR * 4, MID_MR, 2, NV, LN, WT, RELU, BIAS, 0)  # fmt: skip
+                                bias, p * NR * 4, mr_c, 2, NV, LN, WT, RELU, BIAS, 0)  # fmt: skip
                             p += 2
                     while p < p_full:
                         if once:  # each weight used by this one row tile: prefetch the stream
