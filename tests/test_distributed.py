@@ -682,6 +682,10 @@ def test_cluster_scorer(client, dlrm):
         assert sorted(a for a, _ in scorer.parts) == addrs(client)
         for a, f in scorer.parts:
             assert client.who_has([f])[f.key] == (a,)
+        # one actor per worker, each on the worker holding its partition
+        assert len(scorer.actors) == 2
+        for (a, _), f in zip(scorer.parts, scorer._actor_futures, strict=True):
+            assert client.who_has([f])[f.key] == (a,)
         seconds, preds = scorer.run()
         assert seconds > 0
         np.testing.assert_array_equal(
