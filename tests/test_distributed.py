@@ -256,6 +256,47 @@ def test_average_wire_float32(client):
         qd.average(futs, ws, client=client, wire="float16")
 
 
+def test_average_shared_memory(client):
+    """Between the two worker processes of this host the partial goes through /dev/shm:
+    the same average, (almost) no bytes through Dask, the segment kept for the next
+    reduction until ``release_shared_memory``."""
+    from qgemm.distributed import _handoff
+
+    if _handoff.host_token() is None:
+        pytest.skip("no writable /dev/shm on this machine")
+    a0, a1 = addrs(client)
+    size = 300_001  # float64 sums of 2.4 MB: above the hand-off's 1 MiB
+    models = tree_models(4, size, 3)
+    futs = [scatter1(client, m, a) for m, a in zip(models, [a0, a1, a0, a1], strict=True)]
+    ws = [1.0, 2.0, 3.0, 0.5]
+    want = ref_average(models, ws)
+    pids = client.run(os.getpid)
+
+    def segments():
+        mine = tuple(f"{_handoff.PREFIX}{p}-" for p in pids.values())
+        return [f for f in os.listdir(_handoff.SHM_DIR) if f.startswith(mine)]
+
+    for wire in ("float64", "float32", "float64"):
+        before = outgoing_bytes(client)
+        got = qd.average(futs, ws, client=client, wire=wire)
+        distributed.wait(got, timeout=T)
+        moved = sum(outgoing_bytes(client).values()) - sum(before.values())
+        assert moved < size  # the names of the segments, not 4-8 bytes per parameter
+        got = got.result(timeout=T)
+        np.testing.assert_array_equal(got["steps"], want["steps"])
+        # float64 leaf: sums regrouped by the tree, error within a few ulps of sum |w x|
+        scale = max(float(np.abs(m["d"]).max()) for m in models)
+        np.testing.assert_allclose(got["d"], want["d"], rtol=0, atol=8 * 2.0**-52 * scale)
+        if wire == "float64":  # the handed-off float64 sums: the in-process bits
+            np.testing.assert_array_equal(got["w"], qgemm.average(models, ws)["w"])
+        else:
+            wire_bound(models, ws, got, want)
+        assert len(segments()) == 1  # one producer, one segment (re-used, not re-made)
+    freed = qd.release_shared_memory(client)
+    assert sorted(freed.values())[-1] >= 8 * size and sorted(freed.values())[0] == 0
+    assert segments() == []
+
+
 # ------------------------------------------------------------------------------ training
 
 

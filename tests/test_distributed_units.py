@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 pytest.importorskip("distributed", reason="qgemm.distributed needs dask")
 
 from qgemm._kernels import averaging as _kavg  # noqa: E402
-from qgemm.distributed._average import _fold_local, _shipped  # noqa: E402
+from qgemm.distributed._average import _fold_local, _receivers  # noqa: E402
 from qgemm.distributed._predict import partition_ranges  # noqa: E402
 from qgemm.training import reduction as _red  # noqa: E402
 
@@ -79,10 +79,25 @@ def test_fold_local_equals_partial_fold(n, size, zeros, seed):
 
 
 @pytest.mark.parametrize("n", range(1, 10))
-def test_shipped_plan(n):
-    ship = _shipped(n)
-    # n folds + n - 1 combines; every combine ships exactly its right input; the root stays
-    assert len(ship) == 2 * n - 1 and sum(ship) == n - 1 and not ship[-1]
+def test_receivers_plan(n):
+    addrs = [f"w{j}" for j in range(n)]
+    recv = _receivers(addrs)
+    # n folds + n - 1 combines; every combine ships exactly its right input, to the worker
+    # of its left input (where the combine runs); the root stays
+    assert len(recv) == 2 * n - 1 and sum(r is not None for r in recv) == n - 1
+    assert recv[-1] is None
+    where = list(addrs)  # replay the pairing: node -> its worker
+    ids = list(range(n))
+    while len(ids) > 1:
+        nxt = []
+        for j in range(0, len(ids) - 1, 2):
+            left, right = ids[j], ids[j + 1]
+            assert recv[right] == where[left] and where[right] != where[left]
+            where.append(where[left])
+            nxt.append(len(where) - 1)
+        if len(ids) % 2:
+            nxt.append(ids[-1])
+        ids = nxt
 
 
 @settings(max_examples=40, deadline=None)

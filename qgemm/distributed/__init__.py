@@ -1,7 +1,9 @@
 """qgemm beyond one machine, on Dask distributed.
 
 - :func:`average`: weighted averages of parameter sets computed where the models live (a
-  tree of partial sums on the workers; the reduction core of :mod:`qgemm.training.reduction`).
+  tree of partial sums on the workers; the reduction core of :mod:`qgemm.training.reduction`);
+  between workers of one host a partial goes through shared memory
+  (:func:`release_shared_memory` frees what is kept for the next reduction).
 - :func:`train_decentralized` with :class:`Site`: decentralised training, each site's data
   made and kept on its own worker, only models travel; per-round bytes moved.
 - :class:`ShardedDLRM`: a DLRM served with its tables sharded over workers (table-wise, and
@@ -24,7 +26,7 @@ except ImportError as e:  # pragma: no cover - exercised without dask installed
         "qgemm.distributed needs Dask distributed: pip install 'qgemm[distributed]'"
     ) from e
 
-from ._average import average
+from ._average import average, release_shared_memory
 from ._common import local_cluster, worker_environ
 from ._predict import predict, run_main_job_inference
 from ._sharded import ShardedDLRM, row_ranges, shard_contents
@@ -32,6 +34,7 @@ from ._training import Site, SiteLostWarning, train_decentralized
 
 __all__ = [
     "average",
+    "release_shared_memory",
     "train_decentralized",
     "Site",
     "SiteLostWarning",

@@ -17,9 +17,10 @@ import numpy as np
 
 from .._validate import check_choice
 from ..averaging import INT_POLICIES
+from . import _handoff
 from ._common import RESULT_TIMEOUT, check_weights, get_client, prepare_worker
 
-__all__ = ["average", "average_tree", "WIRES"]
+__all__ = ["average", "average_tree", "release_shared_memory", "WIRES"]
 
 
 def _reduction() -> Any:
@@ -79,8 +80,11 @@ def _fold_local(
     int_policy: str,
     compact: bool,
     *models: Any,
+    handoff: bool = False,
 ) -> Any:
-    """One worker's models folded into one partial; ``compact``: rounded for the wire.
+    """One worker's models folded into one partial; ``compact``: rounded for the wire;
+    ``handoff``: its large accumulators written into shared memory for a worker of this
+    host (:mod:`._handoff`).
 
     Large float32/float64 leaves of two or more models take one pass over all of them (the
     ``multi`` kernel of :func:`qgemm.average`'s in-memory path with ``total=1``: the same
@@ -90,51 +94,75 @@ def _fold_local(
     prepare_worker()
     red = _reduction()
     ws = [float(w) for w in weights]
+    alloc = _handoff.Allocator() if handoff and _handoff.host_token() else None
+
+    def done(acc: Any) -> Any:
+        acc = _compact(acc) if compact else acc
+        return _handoff.share_partial(acc, alloc) if handoff else acc
+
     if len(models) == 1:
-        acc = red.partial(models[0], ws[0], int_policy=int_policy, where=wheres[0])
-        return _compact(acc) if compact else acc
+        return done(red.partial(models[0], ws[0], int_policy=int_policy, where=wheres[0]))
     from ..training.engine import fold_leaf_multi
 
     acc = red.Partial(int_policy=int_policy, where=wheres[0])
     leaves = [acc._leaves_of(m, where) for m, where in zip(models, wheres, strict=True)]
     pos = [j for j, w in enumerate(ws) if w > 0]
     if not pos:
-        return acc  # structure checked, nothing folded in (count 0)
+        return done(acc)  # structure checked, nothing folded in (count 0)
     spec = acc.spec
     assert spec is not None
     totals = np.cumsum([ws[j] for j in pos]).tolist()
     for i, info in enumerate(spec.leaves):
         low = compact and info.dtype == np.float32
-        out = fold_leaf_multi(leaves, i, info, pos, ws, 1.0, np.float32 if low else np.float64)
+        out = fold_leaf_multi(
+            leaves, i, info, pos, ws, 1.0, np.float32 if low else np.float64, alloc
+        )
         if out is not None:
             acc.acc[i] = out
             continue
         for idx, j in enumerate(pos):
             acc._leaf_update(i, leaves[j][i], ws[j], totals[idx], idx == 0, wheres[j])
     acc.total_weight, acc.count = totals[-1], len(pos)
-    return _compact(acc) if compact else acc
+    return done(acc)
+
+
+def _own_copy(p: Any) -> Any:
+    """``p`` with private copies of its arrays (it may take over or be written to)."""
+    p.acc = [np.array(st) if isinstance(st, np.ndarray) else st for st in p.acc]
+    return p
 
 
 def _combine_into(where: str, a: Any, b: Any) -> Any:
     # in place: ``a`` is an intermediate released once this task has run; a partial that
-    # takes ``b``'s sums as its own (``a`` had no weight) must hold float64 sums
+    # takes ``b``'s sums as its own (``a`` had no weight: ``combine`` copies them) must hold
+    # float64 sums
     red = _reduction()
+    a_in, a = a, _handoff.open_partial(a)[0]
+    if a is not a_in:  # (left inputs are never handed off; a copy keeps it safe if one is)
+        a = _own_copy(a)
+    b, check = _handoff.open_partial(b)
     if a.count == 0:
         b = _expand(b)
     elif any(isinstance(st, np.ndarray) and st.dtype == np.float32 for st in a.acc):
         a = _expand(a)
-    return red.combine(a, b, where=where, inplace=True)
+    out = red.combine(a, b, where=where, inplace=True)
+    check(where)  # b's shared memory still b's after reading it
+    return out
 
 
-def _combine(where: str, compact: bool, a: Any, b: Any) -> Any:
+def _combine(where: str, compact: bool, a: Any, b: Any, handoff: bool = False) -> Any:
     prepare_worker()
     out = _combine_into(where, a, b)
-    return _compact(out) if compact else out
+    out = _compact(out) if compact else out
+    return _handoff.share_partial(out) if handoff else out
 
 
 def _finish(p: Any) -> dict:
     prepare_worker()
-    return _reduction().finish(_expand(p), consume=True)
+    p, check = _handoff.open_partial(p)
+    out = _reduction().finish(_expand(p), consume=True)
+    check("the partial")
+    return out
 
 
 def _combine_finish(where: str, compact: bool, a: Any, b: Any) -> dict:
@@ -152,22 +180,40 @@ def _fold_finish(
     return _reduction().finish(p, consume=True)
 
 
-def _shipped(n: int) -> list[bool]:
-    """Per node of the pairwise tree over ``n`` groups (the ``n`` folds, then the combines
-    in the order :func:`average_tree` makes them): is its result sent to another worker
-    (the right input of a combine)?"""
-    ids = list(range(n))
-    ship = [False] * max(n, 1)
+def _receivers(addrs: Sequence[str]) -> list[str | None]:
+    """Per node of the pairwise tree over groups on workers ``addrs`` (the folds, then the
+    combines in the order :func:`average_tree` makes them): the worker its result is sent
+    to (the left input's, for the right input of a combine), or None (kept where it is)."""
+    ids = list(range(len(addrs)))
+    where = list(addrs)
+    recv: list[str | None] = [None] * max(len(addrs), 1)
     while len(ids) > 1:
         nxt = []
         for j in range(0, len(ids) - 1, 2):
-            ship[ids[j + 1]] = True
-            nxt.append(len(ship))
-            ship.append(False)
+            recv[ids[j + 1]] = where[ids[j]]
+            nxt.append(len(recv))
+            recv.append(None)
+            where.append(where[ids[j]])
         if len(ids) % 2:
             nxt.append(ids[-1])
         ids = nxt
-    return ship
+    return recv
+
+
+_TOKENS: dict[tuple, dict[str, Any]] = {}  # (scheduler, workers) -> worker -> host token
+
+
+def _host_tokens(client: Any, addrs: Sequence[str]) -> dict[str, Any]:
+    """``worker -> host token`` (:func:`._handoff.host_token`), asked once per set of
+    workers of a scheduler."""
+    key = (str(getattr(client.scheduler, "address", "")), tuple(sorted(addrs)))
+    got = _TOKENS.get(key)
+    if got is None:
+        got = client.run(_handoff.host_token, workers=list(addrs))
+        if len(_TOKENS) >= 64:
+            _TOKENS.clear()
+        _TOKENS[key] = got
+    return got
 
 
 def average_tree(
@@ -199,23 +245,33 @@ def average_tree(
         if not addrs:
             raise ValueError(f"{wheres[i]}: the model's data is on no worker (lost or released)")
         groups.setdefault(addrs[0], []).append(i)
-    ship = _shipped(len(groups)) if wire == "float32" else None
+    recv = _receivers(list(groups))
+    tokens = _host_tokens(client, list(groups)) if len(groups) > 1 else {}
     node = 0
 
-    def compact() -> bool:
+    def plan(addr: str) -> tuple[bool, bool]:
+        """(compact, handoff) of the next node, on worker ``addr``: rounded for the wire
+        if it is sent and the wire is float32; through shared memory if it is sent to a
+        worker of the same host."""
         nonlocal node
+        to = recv[node]
         node += 1
-        return ship is not None and ship[node - 1]
+        if to is None:
+            return False, False
+        same_host = tokens.get(addr) is not None and tokens.get(addr) == tokens.get(to)
+        return wire == "float32", same_host
 
     level: list[tuple[str, Any, str]] = []
     for addr, idx in groups.items():
+        compact, handoff = plan(addr)
         fut = client.submit(
             _fold_finish if finish and len(groups) == 1 else _fold_local,
             [weights[i] for i in idx],
             [wheres[i] for i in idx],
             int_policy,
-            compact(),
+            compact,
             *[models[i] for i in idx],
+            **({"handoff": True} if handoff else {}),
             workers=[addr],
             allow_other_workers=False,
             pure=False,
@@ -226,12 +282,14 @@ def average_tree(
         for j in range(0, len(level) - 1, 2):
             (addr_a, a, label_a), (_, b, label_b) = level[j], level[j + 1]
             last = len(level) == 2
+            compact, handoff = plan(addr_a)
             fut = client.submit(
                 _combine_finish if finish and last else _combine,
                 f"the partial from {label_b}",
-                compact(),
+                compact,
                 a,
                 b,
+                *((handoff,) if handoff else ()),
                 workers=[addr_a],
                 allow_other_workers=False,
                 pure=False,
@@ -314,3 +372,11 @@ def average(
         wire=wire,
     )
     return fut
+
+
+def release_shared_memory(client: Any = None) -> dict[str, int]:
+    """Let go of the shared memory :func:`average` keeps on the workers for the next
+    reduction of the same size (a producer's segments, a consumer's mappings of them; see
+    :mod:`qgemm.distributed._handoff`); returns ``worker -> bytes unlinked``."""
+    client = get_client(client)
+    return client.run(_handoff.release_pool)

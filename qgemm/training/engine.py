@@ -157,12 +157,15 @@ def fold_leaf_multi(
     ws: Sequence[float],
     total: float,
     out_dtype: Any,
+    alloc: Any = None,
 ) -> np.ndarray | None:
     """Leaf ``i`` of the models ``pos`` (``leaves[j][i]``, weights ``ws[j]``) folded in one
     pass of the ``multi`` kernel: ``sum_j ws[j] * x_j / total`` as flat ``out_dtype`` (each
     model read once, the result written once; the same float64 operations in the same order
     as a partial's ``init`` + ``add``, so the same bits).  None when the leaf does not take
-    that path (not a large float32/float64 leaf, or fewer than 2 / too many models)."""
+    that path (not a large float32/float64 leaf, or fewer than 2 / too many models).
+    ``alloc(size, dtype)`` makes the output (default ``np.empty``; the distributed average
+    passes one that writes into shared memory)."""
     size = math.prod(info.shape)
     if not (
         info.kind == "float"
@@ -172,7 +175,7 @@ def fold_leaf_multi(
     ):
         return None
     xs = tuple(_flat_float(leaves[j][i], info) for j in pos)
-    out = np.empty(size, out_dtype)
+    out = (alloc or np.empty)(size, out_dtype)
     wv = np.array([ws[j] for j in pos], np.float64)
     _k.run("multi", xs, wv, total, out, out_dtype=out.dtype.name)
     return out
