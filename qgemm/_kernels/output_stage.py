@@ -129,7 +129,9 @@ def lower(stage, x_scale, mode, pad_bias):
     if mode == FLOAT:
         if pad_bias:
             p2 = np.zeros(n + PAD, np.float32)
-            p2[:n] = stage.float_bias
+            fb = stage.float_bias
+            for j in range(n):  # (a loop: an array-to-array slice assignment compiles
+                p2[j] = fb[j]  # Numba's shape-mismatch error message, ~1 s of compile)
         else:
             p2 = stage.float_bias
         floor = zero if stage.relu else np.float32(-np.inf)
