@@ -269,6 +269,7 @@ def gemm_kernel(key):
     V_FAST = VARIANTS[fast_name]
     V_EXACT = VARIANTS[exact_name]
     CHOOSE = V_FAST != V_EXACT  # pick fast/exact at run time by the saturation bound
+    SINGLE = not CHOOSE  # (a plain constant, so numba prunes the other tile calls)
     WIDE = V_EXACT == AVX2_WIDE  # the exact variant reads int16 weights (the twin b16) ...
     A16 = WIDE or V_EXACT == AVX2_WIDEN  # ... and int16 activations
     RAW = kind == "raw"
@@ -430,7 +431,7 @@ def gemm_kernel(key):
                             dst = tmp
                             o_off = 0
                             ldo = NR * ES
-                        if use_fast:
+                        if SINGLE or use_fast:  # (SINGLE: the one variant inlined once)
                             _tile_fused(aq, i0, lda, b, boff, bstride, KG, init, mr, dst, o_off,
                                         ldo, p1, p2, bzp, rowsum, j0, s1, s2, s3, MR, NV,
                                         V_FAST, MODE)  # fmt: skip
@@ -457,7 +458,7 @@ def gemm_kernel(key):
                 bz_t = bzp[j0 : j0 + nc]
                 for i0 in range(i_start, i_stop, MR):
                     mr = min(MR, i_stop - i0)
-                    if use_fast:
+                    if SINGLE or use_fast:
                         _tile(aq, i0, lda, b, boff, bstride, KG, scratch, init, mr, MR, NV, V_FAST)
                     else:
                         _tile(aq, i0, lda, b, boff, bstride, KG, scratch, init, mr, MR, NV, V_EXACT)
