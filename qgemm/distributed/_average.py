@@ -126,21 +126,12 @@ def _fold_local(
     return done(acc)
 
 
-def _own_copy(p: Any) -> Any:
-    """``p`` with private copies of its arrays (it may take over or be written to)."""
-    p.acc = [np.array(st) if isinstance(st, np.ndarray) else st for st in p.acc]
-    return p
-
-
 def _combine_into(where: str, a: Any, b: Any) -> Any:
     # in place: ``a`` is an intermediate released once this task has run; a partial that
     # takes ``b``'s sums as its own (``a`` had no weight: ``combine`` copies them) must hold
     # float64 sums
     red = _reduction()
-    a_in, a = a, _handoff.open_partial(a)[0]
-    if a is not a_in:  # (left inputs are never handed off; a copy keeps it safe if one is)
-        a = _own_copy(a)
-    b, check = _handoff.open_partial(b)
+    b, check = _handoff.open_partial(b)  # (only right inputs are ever handed off)
     if a.count == 0:
         b = _expand(b)
     elif any(isinstance(st, np.ndarray) and st.dtype == np.float32 for st in a.acc):
