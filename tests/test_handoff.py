@@ -185,6 +185,10 @@ def test_sweep_removes_files_of_dead_processes(monkeypatch):
         monkeypatch.setattr(_handoff, "_SWEPT", [])
         _handoff._sweep_stale()
         assert not os.path.exists(stale) and os.path.exists(live)
+        with open(stale, "wb") as f:  # a worker killed later: release_pool sweeps again
+            f.write(b"x")
+        _handoff.release_pool()
+        assert not os.path.exists(stale) and os.path.exists(live)
     finally:
         for p in (stale, live):
             if os.path.exists(p):

@@ -22,7 +22,8 @@ else's numbers.  Space is reserved
 with ``posix_fallocate`` (a full ``/dev/shm`` -- Docker's default is 64 MiB -- falls back to
 the ordinary transfer; writing into an unreserved tmpfs page would kill the process with
 SIGBUS).  A worker killed before its segment was released leaves the file behind: the next
-segment made on that host removes files of processes that no longer exist.
+segment made on that host (or ``release_shared_memory``) removes files of processes that no
+longer exist.
 """
 
 from __future__ import annotations
@@ -241,8 +242,11 @@ def _return_unused(segments: list[_Segment]) -> None:
 
 
 def release_pool() -> int:
-    """Unlink this process's pooled segments and drop its cached mappings;
-    returns the bytes released (run it on every worker with ``client.run``)."""
+    """Unlink this process's pooled segments and drop its cached mappings, and remove the
+    segments dead processes of this host left behind; returns the bytes released (run it
+    on every worker with ``client.run``)."""
+    _SWEPT.clear()
+    _sweep_stale()
     with _LOCK:
         segs, _POOL[:] = list(_POOL), []
         segs += [s for s in _LENT if s.header is not None and int(s.header[0]) == 0]
