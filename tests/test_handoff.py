@@ -193,3 +193,22 @@ def test_sweep_removes_files_of_dead_processes(monkeypatch):
         for p in (stale, live):
             if os.path.exists(p):
                 os.unlink(p)
+
+
+@needs_shm
+def test_combined_partial_handed_on():
+    """A combine whose result crosses to a third worker (trees over 3+ workers) hands it
+    on through shared memory as well: the same sums as the plain combine."""
+    from qgemm.distributed._average import _combine
+
+    ms = models(4, 8)
+    left = fold(ms[:2], [1.0, 2.0], False)
+    right = fold(ms[2:], [3.0, 0.5], True)
+    out = _combine("b", False, left, pickle.loads(pickle.dumps(right)), handoff=True)
+    assert isinstance(out, _handoff.SharedPartial)
+    got, check = _handoff.open_partial(pickle.loads(pickle.dumps(out)))
+    check("the combined partial")
+    want = _red.combine(fold(ms[:2], [1.0, 2.0], False), fold(ms[2:], [3.0, 0.5], False))
+    for g, w in zip(got.acc, want.acc, strict=True):
+        np.testing.assert_array_equal(g, w)
+    assert (got.count, got.total_weight) == (want.count, want.total_weight)

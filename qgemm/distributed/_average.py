@@ -280,7 +280,7 @@ def average_tree(
                 compact,
                 a,
                 b,
-                *((handoff,) if handoff else ()),
+                **({"handoff": True} if handoff else {}),
                 workers=[addr_a],
                 allow_other_workers=False,
                 pure=False,
