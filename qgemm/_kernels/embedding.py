@@ -64,7 +64,7 @@ import numba
 import numpy as np
 from numba import prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, register_jitable
 from numba.np.arrayobj import populate_array
 
 from .._cache import kernel_family
@@ -126,12 +126,14 @@ stack): measured 1.08-1.10x torch against 1.02-1.06x for the split loads on 1M x
 thread, same run -- the loop waits on memory, an L1 spill is cheap next to a split line."""
 
 
+@register_jitable
 def prefetch_distance(row_bytes_read: int) -> int:
     """Indices ahead at which a kernel prefetches the row it will read, for rows of
     ``row_bytes_read`` bytes (0: a run-time dim, then ``PREFETCH``): about ``PREFETCH_BYTES``
     of rows in flight, at least ``PREFETCH`` and at most ``PREFETCH_MAX`` rows (0 turns
     prefetching off).  Short quantized rows need many rows ahead to keep enough misses in
-    flight to DRAM; :mod:`qgemm._tuning` has the measurements."""
+    flight to DRAM; :mod:`qgemm._tuning` has the measurements.  Callable from compiled code
+    too (the batched kernel, for a table's row bytes known at run time)."""
     if PREFETCH <= 0:
         return 0
     if row_bytes_read <= 0:
